@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 LANGUAGES = ("auto", "english", "german", "spanish", "chinese", "japanese", "french", "korean",
              "russian", "italian", "portuguese")
@@ -105,3 +108,63 @@ class SpeechEngine(Protocol):
     def stream(self, text: str, voice: Union[str, object, None] = None, language: str = "auto",
                settings: Optional[GenerationSettings] = None,
                cancel: Optional[CancelToken] = None) -> Iterator[AudioChunk]: ...
+
+
+@dataclass
+class VoicePrompt:
+    """A cloned voice, computed once from a reference clip and reused for every utterance.
+
+    `ref_codes` (frames x 16 codebooks, int64) and `ref_text` are set in ICL mode; in
+    x-vector-only mode only `speaker_embedding` is used. `fingerprint` names the
+    checkpoint it was computed with: a prompt is only valid for that checkpoint.
+    """
+
+    speaker_embedding: "torch.Tensor"
+    ref_codes: Optional["torch.Tensor"] = None
+    ref_text: Optional[str] = None
+    x_vector_only: bool = False
+    fingerprint: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def icl(self) -> bool:
+        return not self.x_vector_only
+
+    def save(self, path) -> None:
+        """Write as safetensors (atomically: temp file, fsync, rename)."""
+        import json
+        import os
+
+        from safetensors.torch import save
+
+        tensors = {"speaker_embedding": self.speaker_embedding.detach().float().cpu().contiguous()}
+        if self.ref_codes is not None:
+            tensors["ref_codes"] = self.ref_codes.detach().to(dtype=__import__("torch").int64).cpu().contiguous()
+        metadata = {"format": "makima-voice-prompt/1", "x_vector_only": json.dumps(self.x_vector_only),
+                    "ref_text": json.dumps(self.ref_text), "fingerprint": self.fingerprint,
+                    "meta": json.dumps(self.meta)}
+        data = save(tensors, metadata=metadata)
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "VoicePrompt":
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != "makima-voice-prompt/1":
+                raise ValueError(f"{path} is not a makima voice prompt")
+            keys = set(f.keys())
+            emb = f.get_tensor("speaker_embedding")
+            codes = f.get_tensor("ref_codes") if "ref_codes" in keys else None
+        return cls(speaker_embedding=emb, ref_codes=codes, ref_text=json.loads(md.get("ref_text", "null")),
+                   x_vector_only=json.loads(md.get("x_vector_only", "false")),
+                   fingerprint=md.get("fingerprint", ""), meta=json.loads(md.get("meta", "{}")))
