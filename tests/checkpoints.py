@@ -152,11 +152,17 @@ def write_text_tokenizer(out: Path) -> None:
     tok.model.save(str(model_dir))
     vocab = json.loads((model_dir / "vocab.json").read_text())
     assert "assistant" in vocab and "Ċ" in vocab, "tiny tokenizer must hold 'assistant' and '\\n' as tokens"
-    shutil.move(str(model_dir / "vocab.json"), out / "vocab.json")
+    # Fill the ranks up to the first special id with tokens BPE never produces, as the real
+    # vocabulary does, so special tokens get their real ids in every tokenizer implementation.
+    first_special = min(SPECIAL_TEXT_TOKENS.values())
+    vocab.update({f"<|unused_rank_{i}|>": i for i in range(len(vocab), first_special)})
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     shutil.move(str(model_dir / "merges.txt"), out / "merges.txt")
     shutil.rmtree(model_dir)
-    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for t, i in SPECIAL_TEXT_TOKENS.items()}
+    names = {i: t for t, i in SPECIAL_TEXT_TOKENS.items()}
+    added = {str(i): {"content": names.get(i, f"<|extra_special_{i}|>"), "lstrip": False, "normalized": False,
+                      "rstrip": False, "single_word": False, "special": True}
+             for i in range(first_special, max(names) + 1)}
     cfg = {
         "add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None,
         "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
