@@ -143,9 +143,9 @@ class FrameGenerator:
 
     def prefill(self, prompt: Prompt, max_frames: int) -> FrameState:
         self.prompt = prompt
-        self.talker.model.setup_caches(1, prompt.embeds.shape[1] + max_frames + 1)
-        self.talker.code_predictor.model.setup_caches(1, self.talker.num_groups + 1)
-        logits, hidden = self.talker(prompt.embeds, 0)
+        self.talker_cache = self.talker.model.new_cache(1, prompt.embeds.shape[1] + max_frames + 1)
+        self.predictor_cache = self.talker.code_predictor.model.new_cache(1, self.talker.num_groups + 1)
+        logits, hidden = self.talker(prompt.embeds, 0, self.talker_cache)
         code0 = self._choose_code0(logits, [])
         return FrameState(position=prompt.embeds.shape[1], step=0, code0=code0, hidden=hidden,
                           history=[int(code0)])
@@ -157,7 +157,7 @@ class FrameGenerator:
         embeds = torch.cat([state.hidden, self.talker.embed_codec(state.code0[:, None])], dim=1)
         start = 0
         for group in range(1, self.talker.num_groups):
-            logits = cp.logits(embeds, start, group)
+            logits = cp.logits(embeds, start, group, self.predictor_cache)
             params = self.predictor_params
             if params.repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, torch.stack(codes[1:], dim=1) if group > 1 else
@@ -174,7 +174,7 @@ class FrameGenerator:
         p = self.prompt
         text = p.trailing[:, state.step:state.step + 1] if state.step < p.trailing.shape[1] else p.pad_embed
         embeds = self.talker.embed_frame(frame[:, None, :]) + text
-        logits, hidden = self.talker(embeds, state.position)
+        logits, hidden = self.talker(embeds, state.position, self.talker_cache)
         code0 = self._choose_code0(logits, state.history)
         state.history.append(int(code0))
         return FrameState(position=state.position + 1, step=state.step + 1, code0=code0, hidden=hidden,

@@ -18,8 +18,6 @@ position, so it reduces exactly to ordinary RoPE; that is what runs here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,14 +62,13 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values for positions [0, max_len) of one layer: (batch, kv_heads, max_len, head_dim)."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def max_len(self) -> int:
@@ -156,35 +153,41 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Cache:
+    """The per-utterance state of one decoder: a KVCache per layer and RoPE tables for max_len positions.
+
+    Kept outside the modules so several utterances can run on one model at once.
+    """
+
+    def __init__(self, decoder: "Decoder", batch: int, max_len: int):
+        cfg, p = decoder.cfg, decoder.norm.weight
+        self.layers = [KVCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, p.dtype, p.device)
+                       for _ in range(cfg.num_layers)]
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_len, p.device)
+        self.cos, self.sin = cos.to(p.dtype), sin.to(p.dtype)
+        self.max_len = max_len
+
+
 class Decoder(nn.Module):
-    """Layers + final norm over input embeddings, with per-layer static caches."""
+    """Layers + final norm over input embeddings."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.caches: list[KVCache] = []
-        self._cos: Optional[torch.Tensor] = None
-        self._sin: Optional[torch.Tensor] = None
 
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        p = self.norm.weight
-        if self.caches and self.caches[0].max_len >= max_len and self.caches[0].k.shape[0] == batch:
-            return
-        self.caches = [KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
-                       for _ in self.layers]
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, max_len, p.device)
-        self._cos, self._sin = cos.to(p.dtype), sin.to(p.dtype)
+    def new_cache(self, batch: int, max_len: int) -> Cache:
+        return Cache(self, batch, max_len)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: Cache) -> torch.Tensor:
         """x: (b, t, hidden) embeddings for positions [start, start+t) -> normed hidden states."""
         t = x.shape[1]
-        if start + t > self.caches[0].max_len:
-            raise RuntimeError(f"sequence of {start + t} positions exceeds the cache of {self.caches[0].max_len}")
-        cos, sin = self._cos[start:start + t], self._sin[start:start + t]
-        for layer, cache in zip(self.layers, self.caches):
-            x = layer(x, cos, sin, cache, start)
+        if start + t > cache.max_len:
+            raise RuntimeError(f"sequence of {start + t} positions exceeds the cache of {cache.max_len}")
+        cos, sin = cache.cos[start:start + t], cache.sin[start:start + t]
+        for layer, kv in zip(self.layers, cache.layers):
+            x = layer(x, cos, sin, kv, start)
         return self.norm(x)
 
 
@@ -223,9 +226,9 @@ class CodePredictor(nn.Module):
         self.small_to_mtp_projection = (nn.Linear(talker_hidden, cfg.hidden_size, bias=True)
                                         if cfg.hidden_size != talker_hidden else nn.Identity())
 
-    def logits(self, embeds: torch.Tensor, start: int, group: int) -> torch.Tensor:
+    def logits(self, embeds: torch.Tensor, start: int, group: int, cache: Cache) -> torch.Tensor:
         """embeds (b, t, talker_hidden) at positions [start, start+t) -> logits of codebook `group` (b, vocab)."""
-        h = self.model(self.small_to_mtp_projection(embeds), start)
+        h = self.model(self.small_to_mtp_projection(embeds), start, cache)
         return self.lm_head[group - 1](h[:, -1])
 
 
@@ -261,8 +264,8 @@ class Talker(nn.Module):
         parts += [self.code_predictor.model.codec_embedding[g - 1](codes[..., g]) for g in range(1, codes.shape[-1])]
         return torch.stack(parts, dim=-2).sum(-2)
 
-    def forward(self, embeds: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, embeds: torch.Tensor, start: int, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds (b, t, hidden) at [start, start+t) -> (logits of the last position (b, vocab), last hidden (b, 1, hidden))."""
-        h = self.model(embeds, start)
+        h = self.model(embeds, start, cache)
         last = h[:, -1:]
         return self.codec_head(last[:, 0]), last

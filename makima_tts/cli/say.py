@@ -1,0 +1,110 @@
+"""`makima-tts say "text" --checkpoint DIR_OR_REPO --ref-audio ref.wav --ref-text "..." -o out.wav`"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..engine.types import LANGUAGES
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--greedy", action="store_true", help="no sampling: greedy decoding in both stages")
+    for stage, prefix in (("talker", ""), ("code predictor", "predictor-")):
+        g.add_argument(f"--{prefix}temperature", type=float, default=None, help=f"{stage} temperature")
+        g.add_argument(f"--{prefix}top-k", type=int, default=None, help=f"{stage} top-k")
+        g.add_argument(f"--{prefix}top-p", type=float, default=None, help=f"{stage} top-p")
+        g.add_argument(f"--{prefix}repetition-penalty", type=float, default=None, help=f"{stage} repetition penalty")
+    g.add_argument("--max-frames", type=int, default=None, help="cap on 80 ms frames (default: from text length)")
+
+
+def settings_from_args(args: argparse.Namespace, defaults):
+    from dataclasses import replace
+
+    def stage(params, prefix: str):
+        changes = {}
+        for field in ("temperature", "top_k", "top_p", "repetition_penalty"):
+            value = getattr(args, prefix + field)
+            if value is not None:
+                changes[field] = value
+        if args.greedy:
+            changes["do_sample"] = False
+        return replace(params, **changes)
+
+    return replace(defaults, talker=stage(defaults.talker, ""), predictor=stage(defaults.predictor, "predictor_"),
+                   seed=args.seed, max_frames=args.max_frames)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("say", help="speak a text into a WAV file (or raw PCM to stdout)",
+                       description="Speak TEXT with a voice cloned from a reference clip.")
+    p.add_argument("text", help="what to say ('-' reads standard input)")
+    p.add_argument("--checkpoint", default=os.environ.get("MAKIMA_TTS_CHECKPOINT"),
+                   help="Qwen3-TTS checkpoint folder or Hugging Face repo id (env MAKIMA_TTS_CHECKPOINT)")
+    p.add_argument("--ref-audio", help="reference clip of the voice (3-10 s; any rate, mono or stereo)")
+    p.add_argument("--ref-text", help="transcript of the reference clip")
+    p.add_argument("--x-vector-only", action="store_true", help="clone from the speaker embedding alone (no transcript)")
+    p.add_argument("--voice-prompt", help="a saved voice prompt (.safetensors) instead of --ref-audio")
+    p.add_argument("--save-voice-prompt", help="write the computed voice prompt here for reuse")
+    p.add_argument("--language", default="auto", help=f"one of: {', '.join(LANGUAGES)}")
+    p.add_argument("-o", "--output", default="out.wav", help="output WAV file ('-' for raw float32 PCM on stdout)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import MakimaError
+
+    try:
+        return _run(args)
+    except MakimaError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from ..engine.qwen3 import Qwen3Engine
+    from ..engine.types import VoicePrompt
+    from ..errors import CheckpointError, InvalidAudio
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not args.checkpoint:
+        raise CheckpointError("no checkpoint: pass --checkpoint DIR_OR_REPO or set MAKIMA_TTS_CHECKPOINT")
+    engine = Qwen3Engine.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.voice_prompt:
+        voice = VoicePrompt.load(args.voice_prompt)
+    elif args.ref_audio:
+        try:
+            wav, sr = sf.read(args.ref_audio, dtype="float32", always_2d=False)
+        except Exception as exc:
+            raise InvalidAudio(f"cannot read the reference clip {args.ref_audio}: {exc}") from exc
+        voice = engine.create_voice_prompt(wav, sr, transcript=args.ref_text, x_vector_only=args.x_vector_only)
+        if args.save_voice_prompt:
+            voice.save(args.save_voice_prompt)
+    else:
+        raise InvalidAudio("a voice is needed: pass --ref-audio (with --ref-text or --x-vector-only) or --voice-prompt")
+    settings = settings_from_args(args, engine.defaults)
+    stats: dict = {}
+    if args.output == "-":
+        for chunk in engine.stream(text, voice, args.language, settings, stats=stats):
+            sys.stdout.buffer.write(chunk.pcm.astype(np.float32).tobytes())
+            sys.stdout.buffer.flush()
+        return 0
+    with sf.SoundFile(args.output, "w", samplerate=engine.sample_rate, channels=1, subtype="PCM_16") as out:
+        for chunk in engine.stream(text, voice, args.language, settings, stats=stats):
+            out.write(chunk.pcm)
+    seconds = stats.get("frames", 0) * 0.08
+    print(f"wrote {args.output}: {seconds:.2f} s of audio in {stats.get('total_s', 0):.2f} s "
+          f"(first audio after {stats.get('ttfa_s', 0):.2f} s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,235 @@
+"""The Qwen3-TTS-12Hz engine: load a checkpoint, clone a voice, stream speech.
+
+    engine = Qwen3Engine.load("Qwen/Qwen3-TTS-12Hz-0.6B-Base")      # or a local folder
+    voice = engine.create_voice_prompt(wav, sr, transcript="...")
+    for chunk in engine.stream("Hello there.", voice, language="english"):
+        play(chunk.pcm)                                              # float32, 24 kHz
+
+Each 80 ms frame of codec tokens is decoded as soon as it exists (the codec's
+streaming decoder keeps the state it needs), and chunks leave after
+`first_chunk_frames` frames, then every `chunk_frames`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..errors import EmptyText, InvalidAudio, UnknownLanguage
+from .checkpoint import Checkpoint, fingerprint, load_into, load_tensors, parse_device, parse_dtype
+from .codec import Codec
+from .generate import FrameGenerator, SpecialIds, build_prompt, generate_frames
+from .model import Talker
+from .speaker import SpeakerEncoder
+from .tokenizer import TextTokenizer
+from .types import LANGUAGES, AudioChunk, CancelToken, GenerationSettings, SamplingParams, VoiceInfo, VoicePrompt
+
+SAMPLE_RATE = 24000
+MIN_REF_SECONDS = 1.0
+MAX_REF_SECONDS = 60.0
+
+
+def _chat(text: str) -> str:
+    return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _ref_chat(text: str) -> str:
+    return f"<|im_start|>assistant\n{text}<|im_end|>\n"
+
+
+def prepare_reference(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Any rate, mono or (samples, channels) stereo -> mono float32 at 24 kHz, checked for length."""
+    audio = np.asarray(audio)
+    if audio.size == 0:
+        raise InvalidAudio("the reference clip is empty")
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1 if audio.shape[1] <= 8 else 0)
+    elif audio.ndim != 1:
+        raise InvalidAudio(f"the reference clip must be mono or (samples, channels), got shape {audio.shape}")
+    if not np.issubdtype(audio.dtype, np.floating):
+        audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
+    audio = audio.astype(np.float32)
+    if not np.all(np.isfinite(audio)):
+        raise InvalidAudio("the reference clip contains NaN or infinite samples")
+    if sample_rate <= 0:
+        raise InvalidAudio(f"invalid sample rate {sample_rate}")
+    seconds = len(audio) / sample_rate
+    if seconds < MIN_REF_SECONDS:
+        raise InvalidAudio(f"the reference clip is {seconds:.2f} s long; at least {MIN_REF_SECONDS:.0f} s is needed "
+                           "(3-10 s recommended)")
+    if seconds > MAX_REF_SECONDS:
+        raise InvalidAudio(f"the reference clip is {seconds:.1f} s long; at most {MAX_REF_SECONDS:.0f} s "
+                           "(3-10 s recommended)")
+    if sample_rate != SAMPLE_RATE:
+        import soxr
+
+        audio = soxr.resample(audio, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return audio
+
+
+def check_language(language: Optional[str]) -> str:
+    lang = (language or "auto").strip().lower()
+    if lang not in LANGUAGES:
+        raise UnknownLanguage(f"unknown language {language!r}; use one of: {', '.join(LANGUAGES)}")
+    return lang
+
+
+class Qwen3Engine:
+    name = "qwen3"
+    supports_cloning = True
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, checkpoint: Checkpoint, talker: Talker, speaker: SpeakerEncoder, codec: Codec,
+                 tokenizer: TextTokenizer, device: torch.device, dtype: torch.dtype, model_id: str):
+        self.checkpoint = checkpoint
+        self.talker = talker
+        self.speaker = speaker
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.model_id = model_id
+        self.ids = SpecialIds.from_config(checkpoint.config)
+        self.fingerprint = fingerprint(checkpoint.folder)
+        self.defaults = self._defaults(checkpoint.generation_config)
+        self._seed_lock = threading.Lock()
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> "Qwen3Engine":
+        dev, dt = parse_device(device), parse_dtype(dtype)
+        ck = Checkpoint.open(checkpoint)
+        tensors = load_tensors(ck.folder / "model.safetensors")
+        talker = Talker(ck.config)
+        load_into(talker, {k[len("talker."):]: v for k, v in tensors.items() if k.startswith("talker.")},
+                  "talker", dt)
+        speaker = SpeakerEncoder.load({k[len("speaker_encoder."):]: v for k, v in tensors.items()
+                                       if k.startswith("speaker_encoder.")},
+                                      ck.config.get("speaker_encoder_config", {}), device=dev, dtype=dt)
+        del tensors
+        codec = Codec.load(ck.folder / "speech_tokenizer", device=dev, dtype=dt)
+        tokenizer = TextTokenizer(ck.folder)
+        return cls(ck, talker.to(dev).eval(), speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
+
+    @staticmethod
+    def _defaults(gc: dict) -> GenerationSettings:
+        talker = SamplingParams(do_sample=gc.get("do_sample", True), temperature=gc.get("temperature", 0.9),
+                                top_k=gc.get("top_k", 50), top_p=gc.get("top_p", 1.0),
+                                repetition_penalty=gc.get("repetition_penalty", 1.05))
+        predictor = SamplingParams(do_sample=gc.get("subtalker_dosample", True),
+                                   temperature=gc.get("subtalker_temperature", 0.9),
+                                   top_k=gc.get("subtalker_top_k", 50), top_p=gc.get("subtalker_top_p", 1.0))
+        return GenerationSettings(talker=talker, predictor=predictor)
+
+    # ---- voices --------------------------------------------------------------------------------
+
+    def builtin_voices(self) -> list[VoiceInfo]:
+        return []
+
+    @torch.inference_mode()
+    def create_voice_prompt(self, audio: np.ndarray, sample_rate: int, transcript: Optional[str] = None,
+                            x_vector_only: bool = False) -> VoicePrompt:
+        """Reference clip (+ its transcript, unless x_vector_only) -> a reusable VoicePrompt."""
+        wav = prepare_reference(audio, sample_rate)
+        if not x_vector_only and not (transcript and transcript.strip()):
+            raise EmptyText("a transcript of the reference clip is needed to clone a voice "
+                            "(or use x-vector-only mode)")
+        embedding = self.speaker.embed(wav).float().cpu()
+        codes = None if x_vector_only else self.codec.encode(wav).cpu()
+        return VoicePrompt(speaker_embedding=embedding, ref_codes=codes,
+                           ref_text=None if x_vector_only else transcript, x_vector_only=x_vector_only,
+                           fingerprint=self.fingerprint,
+                           meta={"ref_seconds": round(len(wav) / SAMPLE_RATE, 3)})
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def max_frames_for(self, n_text_tokens: int) -> int:
+        """A bound on the utterance's length, from its text: ~0.5 s per token + 4 s, at most 8192 frames."""
+        cap = int(self.checkpoint.generation_config.get("max_new_tokens", 8192))
+        return max(8, min(cap, 50 + 6 * n_text_tokens))
+
+    def _generator(self, seed: Optional[int]) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+        return g
+
+    @torch.inference_mode()
+    def frames(self, text: str, voice: VoicePrompt, language: str = "auto",
+               settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
+               stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
+        """Codec frames (16,) int64 as they are generated."""
+        if not isinstance(voice, VoicePrompt):
+            raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
+        if not text or not text.strip():
+            raise EmptyText("the text to speak is empty")
+        lang = check_language(language)
+        settings = settings or self.defaults
+        text_ids = self.tokenizer.encode(_chat(text.strip()))
+        ref_ids = (self.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2] if voice.icl and voice.ref_text else None)
+        n_body = len(text_ids) - 8
+        max_frames = settings.max_frames or self.max_frames_for(n_body)
+        prompt = build_prompt(self.talker, self.ids, text_ids[:-5], voice, self.ids.languages.get(lang), ref_ids)
+        gen = FrameGenerator(self.talker, self.ids, settings.talker, settings.predictor,
+                             self._generator(settings.seed))
+        yield from generate_frames(gen, prompt, max_frames, cancel, stats)
+
+    def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
+               settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
+               stats: Optional[dict] = None) -> Iterator[AudioChunk]:
+        """Audio chunks (float32, 24 kHz) as frames are generated; the last has is_last=True."""
+        if voice is None:
+            from ..errors import VoiceNotFound
+
+            raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
+        settings = settings or self.defaults
+        stats = stats if stats is not None else {}
+        stats.setdefault("decode_s", 0.0)
+        t_start = time.perf_counter()
+        frames = self.frames(text, voice, language, settings, cancel, stats)
+        with torch.inference_mode():
+            decoder = self.codec.streaming_decoder(context=voice.ref_codes if voice.icl else None)
+        pending: list[torch.Tensor] = []
+        index = frame_index = 0
+        want = max(1, settings.first_chunk_frames)
+
+        def emit(last: bool) -> AudioChunk:
+            nonlocal index, frame_index, pending
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                pcm = decoder.push(torch.stack(pending)) if pending else np.zeros(0, np.float32)
+                if last:
+                    pcm = np.concatenate([pcm, decoder.flush()])
+            stats["decode_s"] += time.perf_counter() - t0
+            chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=index,
+                               frame_index=frame_index, num_frames=len(pending), is_last=last)
+            if index == 0:
+                stats["ttfa_s"] = time.perf_counter() - t_start
+            index += 1
+            frame_index += len(pending)
+            pending = []
+            return chunk
+
+        try:
+            for frame in frames:
+                pending.append(frame)
+                if len(pending) >= want:
+                    yield emit(last=False)
+                    want = max(1, settings.chunk_frames)
+            if cancel is not None and cancel.cancelled:
+                return
+            yield emit(last=True)
+        finally:
+            frames.close()
+            stats["frames"] = frame_index
+            stats["total_s"] = time.perf_counter() - t_start
+
+    def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
+                   settings: Optional[GenerationSettings] = None) -> np.ndarray:
+        """The whole utterance at once (float32, 24 kHz)."""
+        chunks = [c.pcm for c in self.stream(text, voice, language, settings)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random-weight checkpoint in the official layout, the reference model, a clip."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+REF_TEXT = "Hello world. This is a test of the voice."
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from tests.checkpoints import build_checkpoint
+
+    cache = os.environ.get("MAKIMA_TEST_CHECKPOINT_CACHE")
+    out = Path(cache) / "tiny" if cache else tmp_path_factory.mktemp("ckpt") / "tiny"
+    return build_checkpoint(out, tiny=True)
+
+
+@pytest.fixture(scope="session")
+def ref_clip():
+    from tests.checkpoints import reference_clip
+
+    return reference_clip(3.0)
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_checkpoint):
+    """The reference package `qwen-tts` on the tiny checkpoint (parity checks only)."""
+    import torch
+
+    qwen_tts = pytest.importorskip("qwen_tts")
+    return qwen_tts.Qwen3TTSModel.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
+                                                  attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_checkpoint):
+    from makima_tts.engine.qwen3 import Qwen3Engine
+
+    return Qwen3Engine.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def voice(engine, ref_clip):
+    return engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT)
