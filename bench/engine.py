@@ -1,0 +1,190 @@
+"""Engine benchmark: our streaming engine against the reference `qwen-tts`, same run, same checkpoint.
+
+    python bench/engine.py [--checkpoint DIR] [--tiny] [--frames N] [--dtype float32|bfloat16] [--threads N]
+
+Builds (once, cached in --cache) a random-weight checkpoint with the real 0.6B-Base
+geometry unless --checkpoint is given. Each system runs in its own process (so
+peak RSS is its own) on the same reference clip, transcript and text, with the
+frame count forced equal (random weights never say EOS; the reference is also
+given a suppressed EOS id). Prints a short table, then one JSON object last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REF_TEXT = "Hello world. This is a test of the voice."
+TEXT = ("Streaming speech synthesis sends each piece of audio as soon as it is ready, "
+        "so a listener hears the first words while the rest of the sentence is still being made.")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_ours(args) -> dict:
+    import torch
+
+    from makima_tts.engine.qwen3 import Qwen3Engine
+    from makima_tts.engine.types import GenerationSettings, SamplingParams
+    from tests.checkpoints import reference_clip
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine = Qwen3Engine.load(args.checkpoint, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    clip = reference_clip(3.0)
+    t0 = time.perf_counter()
+    voice = engine.create_voice_prompt(clip, 24000, transcript=REF_TEXT)
+    prompt_s = time.perf_counter() - t0
+    settings = GenerationSettings(talker=SamplingParams(repetition_penalty=1.05), predictor=SamplingParams(),
+                                  seed=1, max_frames=args.frames, first_chunk_frames=args.first_chunk_frames)
+    list(engine.stream("Warm up.", voice, "english", GenerationSettings(max_frames=2, seed=0)))
+    stats: dict = {}
+    samples = 0
+    t0 = time.perf_counter()
+    for chunk in engine.stream(TEXT, voice, "english", settings, stats=stats):
+        samples += len(chunk.pcm)
+    total = time.perf_counter() - t0
+    frames = stats["frames"]
+    audio_s = samples / engine.sample_rate
+    return dict(
+        frames=frames, audio_s=round(audio_s, 3),
+        frame_ms=round(1000 * (stats["talker_s"] + stats["predictor_s"]) / max(frames - 1, 1), 1),
+        talker_ms=round(1000 * stats["talker_s"] / max(frames - 1, 1), 1),
+        predictor_ms=round(1000 * stats["predictor_s"] / frames, 1),
+        prefill_s=round(stats["prefill_s"], 3),
+        decode_s_per_audio_s=round(stats["decode_s"] / audio_s, 3),
+        ttfa_s=round(stats["ttfa_s"], 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
+        prompt_s=round(prompt_s, 3), load_s=round(load_s, 2), peak_rss_mb=round(peak_rss_mb()),
+    )
+
+
+def run_reference(args) -> dict:
+    import numpy as np
+    import torch
+    from qwen_tts import Qwen3TTSModel
+
+    from tests.checkpoints import reference_clip
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model = Qwen3TTSModel.from_pretrained(args.checkpoint, dtype=dtype, attn_implementation="sdpa")
+    load_s = time.perf_counter() - t0
+    clip = reference_clip(3.0)
+    t0 = time.perf_counter()
+    items = model.create_voice_clone_prompt(ref_audio=(clip, 24000), ref_text=REF_TEXT)
+    prompt_s = time.perf_counter() - t0
+
+    timers = {"predictor_s": 0.0, "decode_s": 0.0}
+    predictor = model.model.talker.code_predictor
+    orig_generate, orig_decode = predictor.generate, model.model.speech_tokenizer.decode
+
+    def timed_generate(*a, **k):
+        t = time.perf_counter()
+        try:
+            return orig_generate(*a, **k)
+        finally:
+            timers["predictor_s"] += time.perf_counter() - t
+
+    def timed_decode(*a, **k):
+        t = time.perf_counter()
+        try:
+            return orig_decode(*a, **k)
+        finally:
+            timers["decode_s"] += time.perf_counter() - t
+
+    model.generate_voice_clone(text="Warm up.", language="English", voice_clone_prompt=items, max_new_tokens=3)
+    predictor.generate, model.model.speech_tokenizer.decode = timed_generate, timed_decode
+    t0 = time.perf_counter()
+    wavs, sr = model.generate_voice_clone(text=TEXT, language="English", voice_clone_prompt=items,
+                                          max_new_tokens=args.frames + 1, eos_token_id=3071)
+    total = time.perf_counter() - t0
+    frames = args.frames
+    audio_s = len(wavs[0]) / sr
+    gen_s = total - timers["decode_s"]
+    talker_s = gen_s - timers["predictor_s"]
+    return dict(
+        frames=frames, audio_s=round(audio_s, 3),
+        frame_ms=round(1000 * gen_s / frames, 1), talker_ms=round(1000 * talker_s / frames, 1),
+        predictor_ms=round(1000 * timers["predictor_s"] / frames, 1), prefill_s=None,
+        decode_s_per_audio_s=round(timers["decode_s"] / audio_s, 3),
+        ttfa_s=round(total, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
+        prompt_s=round(prompt_s, 3), load_s=round(load_s, 2), peak_rss_mb=round(peak_rss_mb()),
+        audio_rms=float(np.sqrt(np.mean(wavs[0] ** 2))),
+    )
+
+
+def child(system: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", system, "--checkpoint", str(args.checkpoint), "--frames",
+           str(args.frames), "--dtype", args.dtype, "--threads", str(args.threads),
+           "--first-chunk-frames", str(args.first_chunk_frames)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return {"error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="checkpoint folder (default: build a random one in --cache)")
+    ap.add_argument("--tiny", action="store_true", help="use the tiny test checkpoint (seconds)")
+    ap.add_argument("--frames", type=int, default=125, help="frames to generate (125 = 10 s)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--first-chunk-frames", type=int, default=2)
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"), help="where built checkpoints are kept")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        result = run_ours(args) if args.child == "ours" else run_reference(args)
+        print(json.dumps(result))
+        return
+
+    if not args.checkpoint:
+        from tests.checkpoints import build_checkpoint
+
+        name = "tiny" if args.tiny else "full-0.6b-base"
+        print(f"checkpoint: building/using {args.cache}/{name}", file=sys.stderr)
+        args.checkpoint = str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))
+    results = {"settings": {"checkpoint": args.checkpoint, "frames": args.frames, "dtype": args.dtype,
+                            "threads": args.threads, "first_chunk_frames": args.first_chunk_frames,
+                            "cpu": _cpu_name()}}
+    results["ours"] = child("ours", args)
+    if not args.skip_reference:
+        results["reference"] = child("reference", args)
+    fields = ["frame_ms", "talker_ms", "predictor_ms", "decode_s_per_audio_s", "ttfa_s", "rtf", "peak_rss_mb",
+              "load_s"]
+    print(f"{'system':<10}" + "".join(f"{f:>22}" for f in fields))
+    for system in ("ours", "reference"):
+        if system in results:
+            row = results[system]
+            print(f"{system:<10}" + "".join(f"{str(row.get(f, row.get('error', '-'))):>22}" for f in fields))
+    print(json.dumps(results))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up makima-tts in ./.venv.
+#   scripts/setup.sh          the server and CLI (with the embedded Piper engine)
+#   scripts/setup.sh --dev    also what the tests need (the reference package qwen-tts, clients, a browser)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+$PIP install "torch==2.13.0"
+$PIP install -e ".[server,piper]"
+if [ "$DEV" = 1 ]; then
+  $PIP install -e ".[server,piper,test]"
+  # The reference package, for parity tests and test checkpoints only: without its heavy
+  # extras (gradio), and with torchaudio's CUDA-built extension removed (it cannot load on
+  # a CPU machine, and qwen_tts only needs torchaudio's pure-Python import).
+  $PIP install --no-deps "qwen-tts==0.1.1" "torchaudio==2.11.0" "sox"
+  rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
+  if [ "${MAKIMA_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+        || echo "setup: could not install chromium; browser tests will be skipped" >&2
+    fi
+  fi
+fi
+echo "setup: done (.venv)"

@@ -1,0 +1,279 @@
+"""The Qwen3 engine against the reference package, on a tiny random-weight checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from makima_tts.engine.qwen3 import Qwen3Engine
+from makima_tts.engine.types import CancelToken, GenerationSettings, VoicePrompt
+from makima_tts.errors import CheckpointError, EmptyText, InvalidAudio, UnknownLanguage
+from tests.conftest import REF_TEXT
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+MAX_NEW_TOKENS = 40        # the reference yields MAX_NEW_TOKENS - 1 frames when no EOS comes
+
+# Waveform bounds, measured on the tiny checkpoint (float32): the reference decodes the
+# reference codes and the new codes in one pass and cuts; we decode frame by frame.
+WAVE_MAX_ABS = 1e-3
+WAVE_MIN_SNR_DB = 60.0
+
+
+def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = np.sum((ref - test) ** 2)
+    return float("inf") if noise == 0 else 10 * np.log10(np.sum(ref ** 2) / noise)
+
+
+def reference_run(model, clip, text, language, x_vector_only):
+    """Reference greedy generation: (prompt item, generated codes (T, 16), waveform)."""
+    captured = {}
+    tokenizer = model.model.speech_tokenizer
+    original = tokenizer.decode
+
+    def capture(items):
+        captured["codes"] = items[0]["audio_codes"]
+        return original(items)
+
+    items = model.create_voice_clone_prompt(ref_audio=(clip, 24000), ref_text=REF_TEXT,
+                                            x_vector_only_mode=x_vector_only)
+    tokenizer.decode = capture
+    try:
+        wavs, sr = model.generate_voice_clone(text=text, language=language, voice_clone_prompt=items,
+                                              do_sample=False, subtalker_dosample=False,
+                                              max_new_tokens=MAX_NEW_TOKENS)
+    finally:
+        tokenizer.decode = original
+    n_ref = 0 if x_vector_only else items[0].ref_code.shape[0]
+    return items[0], captured["codes"][n_ref:], wavs[0]
+
+
+def greedy(**kw) -> GenerationSettings:
+    return GenerationSettings.greedy_settings(max_frames=MAX_NEW_TOKENS - 1, **kw)
+
+
+@pytest.mark.parametrize("x_vector_only", [False, True], ids=["icl", "xvector"])
+@pytest.mark.parametrize("language", ["English", "Auto"])
+def test_codes_match_reference_frame_for_frame(engine, reference_model, ref_clip, x_vector_only, language):
+    item, ref_codes, _ = reference_run(reference_model, ref_clip, TEXT, language, x_vector_only)
+    voice = VoicePrompt(speaker_embedding=item.ref_spk_embedding, ref_codes=item.ref_code,
+                        ref_text=REF_TEXT, x_vector_only=x_vector_only)
+    ours = torch.stack(list(engine.frames(TEXT, voice, language, greedy())))
+    assert ours.shape == ref_codes.shape == (MAX_NEW_TOKENS - 1, 16)
+    assert torch.equal(ours, ref_codes)
+
+
+def test_voice_prompt_matches_reference(engine, reference_model, ref_clip):
+    item = reference_model.create_voice_clone_prompt(ref_audio=(ref_clip, 24000), ref_text=REF_TEXT)[0]
+    ours = engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT)
+    assert torch.equal(ours.ref_codes, item.ref_code.cpu())
+    torch.testing.assert_close(ours.speaker_embedding, item.ref_spk_embedding.float().cpu(), rtol=1e-4, atol=1e-5)
+    assert ours.fingerprint == engine.fingerprint and ours.ref_text == REF_TEXT
+
+
+@pytest.mark.parametrize("x_vector_only", [False, True], ids=["icl", "xvector"])
+def test_streamed_waveform_matches_reference(engine, reference_model, ref_clip, x_vector_only):
+    _, _, ref_wav = reference_run(reference_model, ref_clip, TEXT, "English", x_vector_only)
+    voice = engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT, x_vector_only=x_vector_only)
+    chunks = list(engine.stream(TEXT, voice, "English", greedy()))
+    ours = np.concatenate([c.pcm for c in chunks])
+    assert len(chunks) > 3 and ours.shape == ref_wav.shape
+    assert np.max(np.abs(ours - ref_wav)) < WAVE_MAX_ABS
+    assert snr_db(ref_wav, ours) > WAVE_MIN_SNR_DB
+
+
+def test_chunks_arrive_frame_by_frame(engine, voice):
+    settings = greedy(first_chunk_frames=2, chunk_frames=5)
+    chunks = list(engine.stream(TEXT, voice, "english", settings))
+    frames = [c.num_frames for c in chunks]
+    assert frames[0] == 2 and all(n == 5 for n in frames[1:-1]) and sum(frames) == MAX_NEW_TOKENS - 1
+    assert [c.is_last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.frame_index for c in chunks] == list(np.cumsum([0] + frames[:-1]))
+    assert sum(len(c.pcm) for c in chunks) == 1920 * sum(frames)
+    assert all(c.sample_rate == 24000 and c.pcm.dtype == np.float32 for c in chunks)
+
+
+def test_stream_yields_before_generation_ends(engine, voice):
+    """The first chunk is handed over while later frames are still to be generated."""
+    seen = []
+    stats: dict = {}
+    stream = engine.stream(TEXT, voice, "english", greedy(first_chunk_frames=1, chunk_frames=1), stats=stats)
+    first = next(stream)
+    seen.append(stats.get("frames"))        # not set until the generator finishes
+    rest = list(stream)
+    assert first.num_frames == 1 and seen == [None] and len(rest) == MAX_NEW_TOKENS - 2
+    assert stats["frames"] == MAX_NEW_TOKENS - 1
+
+
+def test_seeded_sampling_is_reproducible(engine, voice):
+    def run(seed):
+        s = dataclasses.replace(engine.defaults, seed=seed, max_frames=12)
+        return torch.stack(list(engine.frames(TEXT, voice, "english", s)))
+
+    a, b, c = run(1234), run(1234), run(99)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_cancel_stops_between_frames(engine, voice):
+    cancel = CancelToken()
+    stats: dict = {}
+    got = []
+    for chunk in engine.stream(TEXT, voice, "english", greedy(first_chunk_frames=1, chunk_frames=1),
+                               cancel=cancel, stats=stats):
+        got.append(chunk)
+        if len(got) == 3:
+            cancel.cancel()
+    assert len(got) == 3 and not any(c.is_last for c in got)
+    assert stats["frames"] == 3
+
+
+def test_closing_the_stream_stops_generation(engine, voice):
+    stats: dict = {}
+    stream = engine.stream(TEXT, voice, "english", greedy(first_chunk_frames=1, chunk_frames=1), stats=stats)
+    next(stream)
+    next(stream)
+    stream.close()
+    assert stats["frames"] == 2
+
+
+def test_stops_at_eos(engine, voice):
+    """Generation ends at the codec EOS: make a token greedy decoding produces at frame 6 the EOS."""
+    settings = greedy()
+    frames = torch.stack(list(engine.frames(TEXT, voice, "english", settings)))
+    eos = int(frames[6, 0])
+    first = next(i for i in range(2, len(frames)) if int(frames[i, 0]) == eos)
+    saved = engine.ids
+    engine.ids = dataclasses.replace(saved, codec_eos=eos)
+    try:
+        stopped = torch.stack(list(engine.frames(TEXT, voice, "english", settings)))
+    finally:
+        engine.ids = saved
+    assert len(stopped) == first
+    assert torch.equal(stopped, frames[:first])
+
+
+def test_length_is_bounded_by_text(engine, voice):
+    """A model that never says EOS (random weights) stops at a bound derived from the text."""
+    settings = dataclasses.replace(greedy(), max_frames=None)
+    short = list(engine.frames("Hi.", voice, "english", settings))
+    longer = list(engine.frames("Hi. " * 10, voice, "english", settings))
+    n_short = len(engine.tokenizer.encode("Hi."))
+    assert len(short) == engine.max_frames_for(n_short)
+    assert len(short) < len(longer) <= 8192
+
+
+def test_prompt_save_load_gives_same_audio(engine, voice, tmp_path):
+    path = tmp_path / "voice.safetensors"
+    voice.save(path)
+    loaded = VoicePrompt.load(path)
+    a = engine.synthesize(TEXT, voice, "english", greedy(max_frames=8))
+    b = engine.synthesize(TEXT, loaded, "english", greedy(max_frames=8))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_reference_clip_any_rate_and_stereo(engine, ref_clip):
+    import soxr
+
+    stereo48 = np.stack([soxr.resample(ref_clip, 24000, 48000)] * 2, axis=1)
+    prompt = engine.create_voice_prompt(stereo48, 48000, transcript=REF_TEXT)
+    direct = engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT)
+    assert prompt.ref_codes.shape == direct.ref_codes.shape
+    agree = (prompt.ref_codes == direct.ref_codes).float().mean()
+    assert agree > 0.5          # resampled twice, so not bit-equal; most codes agree
+
+
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_empty_text_is_refused(engine, voice, text):
+    with pytest.raises(EmptyText):
+        list(engine.stream(text, voice))
+
+
+def test_unknown_language_is_refused(engine, voice):
+    with pytest.raises(UnknownLanguage, match="klingon"):
+        list(engine.stream(TEXT, voice, "klingon"))
+
+
+def test_short_or_bad_reference_clip_is_refused(engine, ref_clip):
+    with pytest.raises(InvalidAudio, match="at least"):
+        engine.create_voice_prompt(ref_clip[:12000], 24000, transcript=REF_TEXT)
+    with pytest.raises(InvalidAudio, match="empty"):
+        engine.create_voice_prompt(np.zeros(0, np.float32), 24000, transcript=REF_TEXT)
+    with pytest.raises(EmptyText, match="transcript"):
+        engine.create_voice_prompt(ref_clip, 24000, transcript="")
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_checkpoint_missing_file(tiny_checkpoint, tmp_path):
+    ck = copy_checkpoint(tiny_checkpoint, tmp_path / "ck")
+    (ck / "speech_tokenizer" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="speech_tokenizer/model.safetensors"):
+        Qwen3Engine.load(ck)
+
+
+def test_checkpoint_corrupt_safetensors(tiny_checkpoint, tmp_path):
+    ck = copy_checkpoint(tiny_checkpoint, tmp_path / "ck")
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Qwen3Engine.load(ck)
+
+
+def test_checkpoint_config_mismatch(tiny_checkpoint, tmp_path):
+    ck = copy_checkpoint(tiny_checkpoint, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["talker_config"]["hidden_size"] = 96
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        Qwen3Engine.load(ck)
+
+
+def test_unreachable_repo_id_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="Qwen/Qwen3-TTS-12Hz-0.6B-Base") as err:
+        Qwen3Engine.load("Qwen/Qwen3-TTS-12Hz-0.6B-Base")
+    assert "--checkpoint" in str(err.value)
+
+
+def test_fingerprint_tells_checkpoints_apart(tiny_checkpoint, tmp_path):
+    from makima_tts.engine.checkpoint import fingerprint
+    from tests.checkpoints import build_checkpoint
+
+    other = build_checkpoint(tmp_path / "other", tiny=True, seed=7)
+    assert fingerprint(tiny_checkpoint) == fingerprint(tiny_checkpoint)
+    assert fingerprint(tiny_checkpoint) != fingerprint(other)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "makima_tts", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_say_writes_wav(tiny_checkpoint, ref_clip, tmp_path):
+    import soundfile as sf
+
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, ref_clip, 24000)
+    out = tmp_path / "out.wav"
+    r = run_cli("say", TEXT, "--checkpoint", str(tiny_checkpoint), "--ref-audio", str(ref), "--ref-text", REF_TEXT,
+                "-o", str(out), "--seed", "3", "--max-frames", "10", "--language", "english")
+    assert r.returncode == 0, r.stderr
+    wav, sr = sf.read(out)
+    assert sr == 24000 and len(wav) == 10 * 1920 and np.abs(wav).max() > 0.01
+
+
+def test_cli_say_reports_bad_clip(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00not a wav")
+    r = run_cli("say", TEXT, "--checkpoint", str(tiny_checkpoint), "--ref-audio", str(bad), "--ref-text", "x",
+                "-o", str(tmp_path / "o.wav"))
+    assert r.returncode == 2 and "INVALID_AUDIO" in r.stderr and "Traceback" not in r.stderr
