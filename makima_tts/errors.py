@@ -62,3 +62,10 @@ class EngineUnavailable(MakimaError):
 
 class SynthesisError(MakimaError):
     code = "SYNTHESIS_ERROR"
+
+
+class CloningUnsupported(EngineUnavailable):
+    """The engine in use cannot clone voices (Piper). Same code as EngineUnavailable, but the
+    session can go on with the built-in voices, so it is recoverable."""
+
+    recoverable = True
