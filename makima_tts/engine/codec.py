@@ -1,0 +1,728 @@
+"""The 12 Hz speech tokenizer of Qwen3-TTS (Qwen3-TTS-Tokenizer-12Hz): audio <-> 16 codebooks per frame.
+
+One frame is 80 ms: 1920 samples at 24 kHz.
+
+Encoder (used once per reference clip), Mimi-style:
+    wav (B, 1, S) -> SEANet conv encoder (strides 4, 5, 6, 8: 25 Hz) -> causal transformer
+    -> downsampling conv (stride 2: 12.5 Hz) -> split RVQ (1 semantic + acoustic quantizers; the
+    first 16 codebooks are kept) -> codes (B, T, 16)
+
+Decoder (the hot path), strictly causal:
+    codes (B, T, 16) -> RVQ lookup -> causal conv k=3 -> transformer (sliding window 72)
+    -> 2 x [transposed conv x2, ConvNeXt] (50 Hz) -> causal conv -> 4 x [SnakeBeta, transposed
+    conv (x8, x5, x4, x3), 3 residual units (SnakeBeta, dilated causal conv, SnakeBeta, 1x1 conv)]
+    -> SnakeBeta -> causal conv -> clamp to [-1, 1] -> wav (B, T * 1920)
+
+Because every stage is causal, the samples of frame t depend only on frames <= t. Streaming keeps,
+for each causal conv, its last (kernel - 1) * dilation input samples; for each transposed conv its
+last input sample; for each transformer layer the keys/values of the last 71 frames. `decode` runs
+the very same code over a fresh state, so streaming and one-shot decoding agree to float rounding
+and streaming needs no lookahead.
+
+Everything here reads `speech_tokenizer/config.json` and `speech_tokenizer/model.safetensors` with
+the tensor names as stored in the official checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError
+from .weights import Weights, read_json, read_safetensors
+
+Tensor = torch.Tensor
+CodesLike = Union[Tensor, np.ndarray]
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def _activation(name: str, source: str) -> Callable[[Tensor], Tensor]:
+    if name not in _ACTIVATIONS:
+        raise CheckpointError(f"{source}: unsupported activation {name!r}")
+    return _ACTIVATIONS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared transformer pieces
+# --------------------------------------------------------------------------------------------
+
+def rope_tables(head_dim: int, theta: float, start: int, length: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (length, head_dim) for positions start..start+length-1 (rotate-half layout).
+
+    Angles are computed in float32 as inv_freq * position, the way the reference does.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = pos[:, None] * inv_freq[None, :]                      # (L, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)                   # (L, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, L, Dh); cos/sin: (L, Dh). Rotate-half RoPE."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, L, H * Dh) -> (B, H, L, Dh)."""
+    b, l, _ = x.shape
+    return x.view(b, l, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(B, H, L, Dh) -> (B, L, H * Dh)."""
+    b, h, l, d = x.shape
+    return x.transpose(1, 2).reshape(b, l, h * d)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The Mimi encoder half of the codec (`encoder_config` in speech_tokenizer/config.json)."""
+
+    sampling_rate: int = 24000
+    hidden_size: int = 512
+    num_filters: int = 64
+    num_residual_layers: int = 1
+    upsampling_ratios: tuple[int, ...] = (8, 6, 5, 4)   # applied reversed when encoding
+    kernel_size: int = 7
+    last_kernel_size: int = 3
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    compress: int = 2
+    pad_mode: str = "constant"
+    use_conv_shortcut: bool = False
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    hidden_act: str = "gelu"
+    num_quantizers: int = 32
+    num_semantic_quantizers: int = 1
+    codebook_size: int = 2048
+    frame_rate: float = 12.5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        hidden = int(d.get("hidden_size", cls.hidden_size))
+        heads = int(d.get("num_attention_heads", cls.num_attention_heads))
+        return cls(
+            sampling_rate=int(d.get("sampling_rate", cls.sampling_rate)), hidden_size=hidden,
+            num_filters=int(d.get("num_filters", cls.num_filters)),
+            num_residual_layers=int(d.get("num_residual_layers", cls.num_residual_layers)),
+            upsampling_ratios=tuple(int(r) for r in (d.get("upsampling_ratios") or cls.upsampling_ratios)),
+            kernel_size=int(d.get("kernel_size", cls.kernel_size)),
+            last_kernel_size=int(d.get("last_kernel_size", cls.last_kernel_size)),
+            residual_kernel_size=int(d.get("residual_kernel_size", cls.residual_kernel_size)),
+            dilation_growth_rate=int(d.get("dilation_growth_rate", cls.dilation_growth_rate)),
+            compress=int(d.get("compress", cls.compress)), pad_mode=str(d.get("pad_mode", cls.pad_mode)),
+            use_conv_shortcut=bool(d.get("use_conv_shortcut", cls.use_conv_shortcut)),
+            num_hidden_layers=int(d.get("num_hidden_layers", cls.num_hidden_layers)),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads", heads)),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            norm_eps=float(d.get("norm_eps", cls.norm_eps)),
+            rope_theta=float(d.get("rope_theta", cls.rope_theta)),
+            hidden_act=str(d.get("hidden_act", cls.hidden_act)),
+            num_quantizers=int(d.get("num_quantizers", cls.num_quantizers)),
+            num_semantic_quantizers=int(d.get("num_semantic_quantizers", cls.num_semantic_quantizers)),
+            codebook_size=int(d.get("codebook_size", cls.codebook_size)),
+            frame_rate=float(d.get("frame_rate") or cls.frame_rate),
+        )
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder half (`decoder_config` in speech_tokenizer/config.json)."""
+
+    codebook_size: int = 2048
+    codebook_dim: int = 512
+    latent_dim: int = 1024
+    hidden_size: int = 512
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    sliding_window: int = 72
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    num_quantizers: int = 16
+    upsample_rates: tuple[int, ...] = (8, 5, 4, 3)
+    upsampling_ratios: tuple[int, ...] = (2, 2)
+    decoder_dim: int = 1536
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        hidden = int(d.get("hidden_size", cls.hidden_size))
+        heads = int(d.get("num_attention_heads", cls.num_attention_heads))
+        return cls(
+            codebook_size=int(d.get("codebook_size", cls.codebook_size)),
+            codebook_dim=int(d.get("codebook_dim", cls.codebook_dim)),
+            latent_dim=int(d.get("latent_dim", cls.latent_dim)), hidden_size=hidden,
+            intermediate_size=int(d.get("intermediate_size", cls.intermediate_size)),
+            num_hidden_layers=int(d.get("num_hidden_layers", cls.num_hidden_layers)),
+            num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads", heads)),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            rope_theta=float(d.get("rope_theta", cls.rope_theta)),
+            sliding_window=int(d.get("sliding_window", cls.sliding_window)),
+            rms_norm_eps=float(d.get("rms_norm_eps", cls.rms_norm_eps)),
+            hidden_act=str(d.get("hidden_act", cls.hidden_act)),
+            num_quantizers=int(d.get("num_quantizers", cls.num_quantizers)),
+            upsample_rates=tuple(int(r) for r in d.get("upsample_rates", cls.upsample_rates)),
+            upsampling_ratios=tuple(int(r) for r in d.get("upsampling_ratios", cls.upsampling_ratios)),
+            decoder_dim=int(d.get("decoder_dim", cls.decoder_dim)),
+        )
+
+    @property
+    def samples_per_frame(self) -> int:
+        return int(np.prod(self.upsampling_ratios)) * int(np.prod(self.upsample_rates))
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder (Mimi-style; used on reference clips only, so written for clarity and exact parity)
+# --------------------------------------------------------------------------------------------
+
+class _PaddedConv:
+    """A conv1d padded like Mimi's causal conv: (kernel_eff - stride) on the left, and on the right
+    just enough to complete the last stride (so the output has ceil(L / stride) samples)."""
+
+    def __init__(self, w: Weights, stride: int = 1, dilation: int = 1, pad_mode: str = "constant"):
+        self.weight = w["conv.weight"]            # (C_out, C_in, K)
+        self.bias = w.opt("conv.bias")
+        self.stride, self.dilation = stride, dilation
+        self.pad_mode = pad_mode
+        kernel_eff = (self.weight.shape[-1] - 1) * dilation + 1
+        self.left = kernel_eff - stride
+
+    def __call__(self, x: Tensor) -> Tensor:      # (B, C_in, L) -> (B, C_out, ceil(L / stride))
+        extra = (-x.shape[-1]) % self.stride
+        if self.pad_mode == "constant":
+            x = F.pad(x, (self.left, extra))
+        else:
+            x = F.pad(x, (self.left, extra), mode=self.pad_mode)
+        return F.conv1d(x, self.weight, self.bias, stride=self.stride, dilation=self.dilation)
+
+
+class _ResnetBlock:
+    """x + conv_1x1(elu(conv_k(elu(x)))), the SEANet residual block."""
+
+    def __init__(self, w: Weights, dilation: int, pad_mode: str):
+        self.conv1 = _PaddedConv(w.sub("block.1."), dilation=dilation, pad_mode=pad_mode)
+        self.conv2 = _PaddedConv(w.sub("block.3."), pad_mode=pad_mode)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.elu(self.conv1(F.elu(x))))
+
+
+class _EncoderLayer:
+    """Pre-LayerNorm transformer layer with layer scale, full causal attention and RoPE."""
+
+    def __init__(self, w: Weights, cfg: EncoderConfig):
+        self.cfg = cfg
+        self.ln1 = (w["input_layernorm.weight"], w["input_layernorm.bias"])
+        self.ln2 = (w["post_attention_layernorm.weight"], w["post_attention_layernorm.bias"])
+        self.wq, self.wk = w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"]
+        self.wv, self.wo = w["self_attn.v_proj.weight"], w["self_attn.o_proj.weight"]
+        self.scale_attn, self.scale_mlp = w["self_attn_layer_scale.scale"], w["mlp_layer_scale.scale"]
+        self.fc1, self.fc2 = w["mlp.fc1.weight"], w["mlp.fc2.weight"]
+        self.act = _activation(cfg.hidden_act, w.source)
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:     # x: (B, L, C)
+        cfg = self.cfg
+        h = F.layer_norm(x, (x.shape[-1],), *self.ln1, eps=cfg.norm_eps)
+        q = apply_rope(_split_heads(F.linear(h, self.wq), cfg.num_attention_heads), cos, sin)
+        k = apply_rope(_split_heads(F.linear(h, self.wk), cfg.num_key_value_heads), cos, sin)
+        v = _split_heads(F.linear(h, self.wv), cfg.num_key_value_heads)
+        if cfg.num_key_value_heads != cfg.num_attention_heads:
+            rep = cfg.num_attention_heads // cfg.num_key_value_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=x.shape[1] > 1)
+        x = x + self.scale_attn * F.linear(_merge_heads(a), self.wo)
+        h = F.layer_norm(x, (x.shape[-1],), *self.ln2, eps=cfg.norm_eps)
+        return x + self.scale_mlp * F.linear(self.act(F.linear(h, self.fc1)), self.fc2)
+
+
+class _RVQEncoder:
+    """Residual vector quantizer (encode side): project, then greedily pick the nearest centroid
+    in each codebook and subtract it."""
+
+    def __init__(self, w: Weights, n_layers: int):
+        self.input_proj = w.opt("input_proj.weight")                      # (D, C, 1) or None
+        self.codebooks = []
+        for i in range(n_layers):
+            cb = w.sub(f"layers.{i}.codebook.")
+            usage = cb["cluster_usage"]
+            self.codebooks.append(cb["embed_sum"] / usage.clamp(min=1e-5)[:, None])   # (K, D)
+
+    def __call__(self, x: Tensor) -> Tensor:          # x: (1, C, T) -> codes (n_layers, T)
+        if self.input_proj is not None:
+            x = F.conv1d(x, self.input_proj)
+        residual = x[0]                                # (D, T)
+        codes = []
+        for embed in self.codebooks:
+            dist = torch.cdist(residual.t()[None].float(), embed[None].float(), p=2)[0]  # (T, K)
+            idx = dist.argmin(dim=-1)
+            codes.append(idx)
+            residual = residual - F.embedding(idx, embed).t()
+        return torch.stack(codes)
+
+
+class CodecEncoder:
+    """wav (1, 1, S) -> codes (T, num_codebooks), T = ceil(S / 1920)."""
+
+    def __init__(self, w: Weights, cfg: EncoderConfig, num_codebooks: int):
+        self.cfg = cfg
+        pad = cfg.pad_mode
+        if cfg.use_conv_shortcut:
+            raise CheckpointError(f"{w.source}: encoder use_conv_shortcut=True is not supported")
+        layers = w.sub("encoder.layers.")
+        stack: list[Callable[[Tensor], Tensor]] = [_PaddedConv(layers.sub("0."), pad_mode=pad)]
+        for ratio in reversed(cfg.upsampling_ratios):
+            for j in range(cfg.num_residual_layers):
+                stack.append(_ResnetBlock(layers.sub(f"{len(stack)}."), cfg.dilation_growth_rate ** j, pad))
+            stack.append(F.elu)
+            stack.append(_PaddedConv(layers.sub(f"{len(stack)}."), stride=ratio, pad_mode=pad))
+        stack.append(F.elu)
+        stack.append(_PaddedConv(layers.sub(f"{len(stack)}."), pad_mode=pad))
+        self.conv_stack = stack
+        self.layers = [_EncoderLayer(w.sub(f"encoder_transformer.layers.{i}."), cfg)
+                       for i in range(cfg.num_hidden_layers)]
+        conv_rate = cfg.sampling_rate / int(np.prod(cfg.upsampling_ratios))
+        self.downsample = _PaddedConv(w.sub("downsample."), stride=int(round(conv_rate / cfg.frame_rate)),
+                                      pad_mode="replicate")
+        n_sem = cfg.num_semantic_quantizers
+        n_acoustic = max(0, min(num_codebooks, cfg.num_quantizers) - n_sem)
+        self.semantic = _RVQEncoder(w.sub("quantizer.semantic_residual_vector_quantizer."), n_sem)
+        self.acoustic = _RVQEncoder(w.sub("quantizer.acoustic_residual_vector_quantizer."), n_acoustic)
+
+    def __call__(self, wav: Tensor) -> Tensor:
+        x = wav                                                  # (1, 1, S)
+        for f in self.conv_stack:
+            x = f(x)                                             # -> (1, hidden, ceil(S / 960))
+        x = x.transpose(1, 2)                                    # (1, L, hidden)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, 0, x.shape[1], x.dtype, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.downsample(x.transpose(1, 2))                   # (1, hidden, T)
+        codes = torch.cat([self.semantic(x), self.acoustic(x)])  # (Q, T); both quantize x itself
+        return codes.t()                                         # (T, Q)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder: stateful building blocks. Each stateful op owns a slot in a DecoderState.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DecoderState:
+    """Everything a stream carries from one push to the next (a few MB at full size)."""
+
+    conv: list[Tensor]                       # per conv slot: last input samples (B, C_in, context)
+    keys: list[Optional[Tensor]]             # per transformer layer: (B, H_kv, <= window - 1, Dh)
+    values: list[Optional[Tensor]]
+    frames: int = 0                          # frames consumed so far (= next RoPE position)
+
+    def clone(self) -> "DecoderState":
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return DecoderState([t.clone() for t in self.conv], [c(t) for t in self.keys],
+                            [c(t) for t in self.values], self.frames)
+
+
+class _Slots:
+    """Hands out conv slot numbers at build time and remembers each slot's (channels, context)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, int]] = []
+
+    def take(self, channels: int, context: int) -> int:
+        self.shapes.append((channels, context))
+        return len(self.shapes) - 1
+
+
+class _CausalConv:
+    """Stride-1 causal conv1d; its left context comes from the state instead of zero padding."""
+
+    def __init__(self, w: Weights, slots: _Slots, dilation: int = 1, groups: int = 1):
+        self.weight, self.bias = w["conv.weight"], w.opt("conv.bias")      # (C_out, C_in/groups, K)
+        self.dilation, self.groups = dilation, groups
+        self.context = (self.weight.shape[-1] - 1) * dilation
+        c_in = self.weight.shape[1] * groups
+        self.slot = slots.take(c_in, self.context) if self.context else -1
+
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n)
+        if self.context:
+            x = torch.cat([state.conv[self.slot], x], dim=-1)
+            state.conv[self.slot] = x[..., -self.context:].clone()
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+
+
+class _CausalTransposedConv:
+    """ConvTranspose1d(kernel K, stride S) with the right (K - S) samples trimmed: output block i
+    (S samples) depends on inputs i, i-1, ... down to i - (K - 1) // S, taken from the state."""
+
+    def __init__(self, w: Weights, slots: _Slots, stride: int):
+        self.weight, self.bias = w["conv.weight"], w.opt("conv.bias")      # (C_in, C_out, K)
+        self.stride = stride
+        self.context = (self.weight.shape[-1] - 1) // stride
+        self.slot = slots.take(self.weight.shape[0], self.context) if self.context else -1
+
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n * S)
+        n = x.shape[-1]
+        if self.context:
+            x = torch.cat([state.conv[self.slot], x], dim=-1)
+            state.conv[self.slot] = x[..., -self.context:].clone()
+        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
+        start = self.context * self.stride
+        return y[..., start:start + n * self.stride]
+
+
+class _SnakeBeta:
+    """x + sin(x * e^alpha)^2 / (e^beta + 1e-9), per channel."""
+
+    def __init__(self, w: Weights):
+        self.alpha = w["alpha"].exp()[None, :, None]                           # (1, C, 1)
+        self.inv_beta = (1.0 / (w["beta"].exp() + 1e-9))[None, :, None]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x + self.inv_beta * torch.sin(x * self.alpha).pow(2)
+
+
+class _ConvNeXt:
+    """x + gamma * pw2(gelu(pw1(layernorm(causal_depthwise_conv7(x)))))."""
+
+    def __init__(self, w: Weights, slots: _Slots, dim: int):
+        self.dwconv = _CausalConv(w.sub("dwconv."), slots, groups=dim)
+        self.norm = (w["norm.weight"], w["norm.bias"])
+        self.pw1 = (w["pwconv1.weight"], w["pwconv1.bias"])
+        self.pw2 = (w["pwconv2.weight"], w["pwconv2.bias"])
+        self.gamma = w["gamma"]
+
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C, n)
+        h = self.dwconv(x, state).transpose(1, 2)                          # (B, n, C)
+        h = F.layer_norm(h, (h.shape[-1],), *self.norm, eps=1e-6)
+        h = F.linear(F.gelu(F.linear(h, *self.pw1)), *self.pw2)
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+class _ResidualUnit:
+    """x + conv1x1(snake(conv7_dilated(snake(x))))."""
+
+    def __init__(self, w: Weights, slots: _Slots, dilation: int):
+        self.act1, self.act2 = _SnakeBeta(w.sub("act1.")), _SnakeBeta(w.sub("act2."))
+        self.conv1 = _CausalConv(w.sub("conv1."), slots, dilation=dilation)
+        self.conv2 = _CausalConv(w.sub("conv2."), slots)
+
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:
+        return x + self.conv2(self.act2(self.conv1(self.act1(x), state)), state)
+
+
+class _UpsampleBlock:
+    """SnakeBeta -> transposed conv (x rate) -> residual units with dilations 1, 3, 9."""
+
+    def __init__(self, w: Weights, slots: _Slots, rate: int):
+        self.act = _SnakeBeta(w.sub("block.0."))
+        self.up = _CausalTransposedConv(w.sub("block.1."), slots, rate)
+        self.units = [_ResidualUnit(w.sub(f"block.{2 + i}."), slots, d) for i, d in enumerate((1, 3, 9))]
+
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:
+        x = self.up(self.act(x), state)
+        for unit in self.units:
+            x = unit(x, state)
+        return x
+
+
+class _DecoderLayer:
+    """Pre-RMSNorm transformer layer with layer scale, sliding-window causal attention, SwiGLU."""
+
+    def __init__(self, w: Weights, cfg: DecoderConfig):
+        self.cfg = cfg
+        self.norm1, self.norm2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
+        a = w.sub("self_attn.")
+        self.wqkv = torch.cat([a["q_proj.weight"], a["k_proj.weight"], a["v_proj.weight"]])
+        biases = [a.opt(f"{p}_proj.bias") for p in "qkv"]
+        self.bqkv = torch.cat(biases) if all(b is not None for b in biases) else None
+        self.wo, self.bo = a["o_proj.weight"], a.opt("o_proj.bias")
+        self.w_gate_up = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
+        self.w_down = w["mlp.down_proj.weight"]
+        self.scale_attn, self.scale_mlp = w["self_attn_layer_scale.scale"], w["mlp_layer_scale.scale"]
+        self.act = _activation(cfg.hidden_act, w.source)
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+
+    def attention(self, h: Tensor, cos: Tensor, sin: Tensor, state: DecoderState, i: int) -> Tensor:
+        cfg = self.cfg
+        n = h.shape[1]
+        q, k, v = F.linear(h, self.wqkv, self.bqkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(_split_heads(q, cfg.num_attention_heads), cos, sin)     # (B, H, n, Dh)
+        k = apply_rope(_split_heads(k, cfg.num_key_value_heads), cos, sin)
+        v = _split_heads(v, cfg.num_key_value_heads)
+        past = 0
+        if state.keys[i] is not None:
+            past = state.keys[i].shape[2]
+            k, v = torch.cat([state.keys[i], k], dim=2), torch.cat([state.values[i], v], dim=2)
+        keep = cfg.sliding_window - 1                    # a future query needs this many past keys
+        state.keys[i], state.values[i] = k[:, :, -keep:].clone(), v[:, :, -keep:].clone()
+        mask = _window_mask(n, past, cfg.sliding_window, h.device)
+        if cfg.num_key_value_heads != cfg.num_attention_heads:
+            rep = cfg.num_attention_heads // cfg.num_key_value_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if isinstance(mask, bool):
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=mask)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.linear(_merge_heads(a), self.wo, self.bo)
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, state: DecoderState, i: int) -> Tensor:
+        eps = self.cfg.rms_norm_eps
+        x = x + self.scale_attn * self.attention(rms_norm(x, self.norm1, eps), cos, sin, state, i)
+        gate, up = F.linear(rms_norm(x, self.norm2, eps), self.w_gate_up).chunk(2, dim=-1)
+        return x + self.scale_mlp * F.linear(self.act(gate) * up, self.w_down)
+
+
+def _window_mask(n: int, past: int, window: int, device: torch.device) -> Union[bool, Tensor]:
+    """Attention mask for n new queries over (past + n) keys: key j is visible to query i when
+    0 <= (i + past) - j < window. Returns is_causal (a bool) when no explicit mask is needed."""
+    if past == 0 and n <= window:
+        return n > 1
+    if n == 1 and past + 1 <= window:
+        return False
+    qpos = torch.arange(n, device=device)[:, None] + past
+    kpos = torch.arange(past + n, device=device)[None, :]
+    return (kpos <= qpos) & (kpos > qpos - window)
+
+
+class CodecDecoder:
+    """codes (B, n, Q) + state -> wav (B, n * 1920): the next n frames of a stream."""
+
+    def __init__(self, w: Weights, cfg: DecoderConfig):
+        self.cfg = cfg
+        q = w.sub("quantizer.")
+        self.codebooks = []                                      # Q x (K, D/2)
+        for name, count in (("rvq_first", 1), ("rvq_rest", cfg.num_quantizers - 1)):
+            for i in range(count):
+                cb = q.sub(f"{name}.vq.layers.{i}._codebook.")
+                self.codebooks.append(cb["embedding_sum"] / cb["cluster_usage"].clamp(min=1e-5)[:, None])
+        self.proj_first = q["rvq_first.output_proj.weight"][..., 0]     # (D, D/2)
+        self.proj_rest = q["rvq_rest.output_proj.weight"][..., 0]
+        self.rest_codebooks = torch.stack(self.codebooks[1:])           # (Q-1, K, D/2)
+
+        slots = _Slots()
+        self.pre_conv = _CausalConv(w.sub("pre_conv."), slots)
+        t = w.sub("pre_transformer.")
+        self.input_proj = (t["input_proj.weight"], t["input_proj.bias"])
+        self.output_proj = (t["output_proj.weight"], t["output_proj.bias"])
+        self.final_norm = t["norm.weight"]
+        self.layers = [_DecoderLayer(t.sub(f"layers.{i}."), cfg) for i in range(cfg.num_hidden_layers)]
+        self.upsample = [(_CausalTransposedConv(w.sub(f"upsample.{i}.0."), slots, r),
+                          _ConvNeXt(w.sub(f"upsample.{i}.1."), slots, cfg.latent_dim))
+                         for i, r in enumerate(cfg.upsampling_ratios)]
+        d = w.sub("decoder.")
+        self.conv_in = _CausalConv(d.sub("0."), slots)
+        self.blocks = [_UpsampleBlock(d.sub(f"{1 + i}."), slots, r) for i, r in enumerate(cfg.upsample_rates)]
+        n = len(cfg.upsample_rates)
+        self.act_out = _SnakeBeta(d.sub(f"{1 + n}."))
+        self.conv_out = _CausalConv(d.sub(f"{2 + n}."), slots)
+        self.slot_shapes = slots.shapes
+        self.dtype, self.device = self.proj_first.dtype, self.proj_first.device
+
+    def new_state(self, batch: int = 1) -> DecoderState:
+        conv = [torch.zeros(batch, c, k, dtype=self.dtype, device=self.device) for c, k in self.slot_shapes]
+        n = len(self.layers)
+        return DecoderState(conv, [None] * n, [None] * n, 0)
+
+    def embed(self, codes: Tensor) -> Tensor:
+        """codes (B, n, Q) -> (B, D, n): sum of the codebook vectors, projected."""
+        first = F.embedding(codes[..., 0], self.codebooks[0])                         # (B, n, D/2)
+        q = torch.arange(1, codes.shape[-1], device=codes.device)
+        rest = self.rest_codebooks[q - 1, codes[..., 1:]].sum(dim=2)                 # (B, n, D/2)
+        return (F.linear(first, self.proj_first) + F.linear(rest, self.proj_rest)).transpose(1, 2)
+
+    def __call__(self, codes: Tensor, state: DecoderState) -> Tensor:
+        n = codes.shape[1]
+        x = self.pre_conv(self.embed(codes), state)                                  # (B, latent, n)
+        x = F.linear(x.transpose(1, 2), *self.input_proj)                             # (B, n, hidden)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, state.frames, n, x.dtype, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, state, i)
+        x = F.linear(rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), *self.output_proj)
+        x = x.transpose(1, 2)                                                         # (B, latent, n)
+        for up, convnext in self.upsample:
+            x = convnext(up(x, state), state)                                         # (B, latent, 4n)
+        x = self.conv_in(x, state)                                                    # (B, decoder_dim, 4n)
+        for block in self.blocks:
+            x = block(x, state)                                                       # channels / 2, x rate
+        wav = self.conv_out(self.act_out(x), state)                                   # (B, 1, 1920n)
+        state.frames += n
+        return wav[:, 0].clamp(-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+class Codec:
+    """The 12 Hz speech tokenizer. Load with `Codec.load(checkpoint / "speech_tokenizer")`."""
+
+    sample_rate: int
+    frame_samples: int
+    num_codebooks: int
+    # decode() works through long inputs this many frames at a time (exactly, carrying the state),
+    # which bounds its memory: ~10 MB of activations per audio second per tensor at full size.
+    decode_chunk_frames: int = 150
+
+    def __init__(self, encoder: CodecEncoder, decoder: CodecDecoder, *, sample_rate: int, frame_samples: int,
+                 num_codebooks: int, source: str):
+        self.encoder, self.decoder = encoder, decoder
+        self.sample_rate, self.frame_samples, self.num_codebooks = sample_rate, frame_samples, num_codebooks
+        self.codebook_size = decoder.cfg.codebook_size
+        self.source = source
+
+    @classmethod
+    def load(cls, folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             dtype: torch.dtype = torch.float32) -> "Codec":
+        folder = Path(folder)
+        cfg = read_json(folder / "config.json")
+        source = str(folder / "model.safetensors")
+        try:
+            enc_cfg = EncoderConfig.from_dict(cfg.get("encoder_config") or {})
+            dec_cfg = DecoderConfig.from_dict(cfg.get("decoder_config") or {})
+            num_codebooks = int(cfg.get("encoder_valid_num_quantizers", 16))
+            in_sr, out_sr = int(cfg.get("input_sample_rate", 24000)), int(cfg.get("output_sample_rate", 24000))
+            hop = int(cfg.get("decode_upsample_rate", dec_cfg.samples_per_frame))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: malformed codec config ({e})") from None
+        if in_sr != out_sr or enc_cfg.sampling_rate != in_sr:
+            raise CheckpointError(f"{folder / 'config.json'}: input/output sample rates differ ({in_sr}, {out_sr})")
+        if hop != dec_cfg.samples_per_frame or num_codebooks != dec_cfg.num_quantizers:
+            raise CheckpointError(f"{folder / 'config.json'}: inconsistent frame size or codebook count")
+        tensors = read_safetensors(folder / "model.safetensors", device=device, dtype=dtype)
+        w = Weights(tensors, source)
+        with torch.inference_mode():
+            encoder = CodecEncoder(w.sub("encoder."), enc_cfg, num_codebooks)
+            decoder = CodecDecoder(w.sub("decoder."), dec_cfg)
+        return cls(encoder, decoder, sample_rate=out_sr, frame_samples=hop, num_codebooks=num_codebooks,
+                   source=source)
+
+    # -- encoding --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, wav: np.ndarray) -> Tensor:
+        """Mono float32 audio at 24 kHz -> codes (ceil(len / 1920), 16), int64, on the CPU."""
+        wav = np.asarray(wav)
+        if wav.ndim != 1 or wav.size == 0:
+            raise ValueError(f"encode expects a non-empty 1-D mono waveform, got shape {wav.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+        x = x.to(device=self.decoder.device, dtype=self.decoder.dtype)[None, None]   # (1, 1, S)
+        codes = self.encoder(x)                                                      # (T', Q)
+        frames = -(-wav.shape[0] // self.frame_samples)
+        return codes[:frames, :self.num_codebooks].to("cpu", torch.int64)
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def check_codes(self, codes: CodesLike) -> Tensor:
+        """(n, 16) integer codes -> int64 tensor on the codec's device; ValueError when malformed."""
+        if isinstance(codes, np.ndarray):
+            codes = torch.from_numpy(codes)
+        if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != self.num_codebooks:
+            shape = tuple(codes.shape) if hasattr(codes, "shape") else type(codes).__name__
+            raise ValueError(f"codes must have shape (frames, {self.num_codebooks}), got {shape}")
+        if codes.is_floating_point() or codes.is_complex():
+            raise ValueError("codes must be integers")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, "
+                             f"{int(codes.max())}]")
+        return codes.to(device=self.decoder.device, dtype=torch.int64)
+
+    @torch.inference_mode()
+    def decode(self, codes: CodesLike) -> np.ndarray:
+        """codes (n, 16) -> float32 audio (n * 1920,), all frames decoded from a fresh state."""
+        codes = self.check_codes(codes)
+        state = self.decoder.new_state()
+        chunks = [self.decoder(codes[None, s:s + self.decode_chunk_frames], state)[0]
+                  for s in range(0, codes.shape[0], self.decode_chunk_frames)]
+        if not chunks:
+            return np.zeros(0, dtype=np.float32)
+        return torch.cat(chunks).float().cpu().numpy()
+
+    def streaming_decoder(self, context: Optional[CodesLike] = None) -> "StreamingDecoder":
+        """A stream; `context` (e.g. the voice's reference codes) is decoded first and not emitted."""
+        return StreamingDecoder(self, context)
+
+
+class StreamingDecoder:
+    """Incremental decoding: push(codes of n new frames) returns their n * 1920 samples at once.
+
+    The decoder is causal end to end, so there is no lookahead: push() never holds samples back
+    and flush() returns an empty array (it exists so that callers need not know). The audio
+    equals `Codec.decode` of all frames pushed (context included, then cut) to float rounding.
+    Cost per push is proportional to the new frames: the state is bounded (conv tails plus 71
+    frames of keys/values per layer), whatever the length of the utterance.
+    """
+
+    def __init__(self, codec: Codec, context: Optional[CodesLike] = None,
+                 state: Optional[DecoderState] = None):
+        self.codec = codec
+        self.state = state if state is not None else codec.decoder.new_state()
+        self.frames_pushed = 0            # frames whose audio was returned (context excluded)
+        if context is not None:
+            self.prime(context)
+
+    @torch.inference_mode()
+    def prime(self, codes: CodesLike) -> None:
+        """Run left-context frames through the decoder without emitting their audio."""
+        codes = self.codec.check_codes(codes)
+        step = self.codec.decode_chunk_frames
+        for s in range(0, codes.shape[0], step):
+            self.codec.decoder(codes[None, s:s + step], self.state)
+
+    @torch.inference_mode()
+    def push(self, codes: CodesLike) -> np.ndarray:
+        """Audio (n * 1920 float32 samples) of the n frames in `codes` (n, 16)."""
+        codes = self.codec.check_codes(codes)
+        if codes.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        wav = self.codec.decoder(codes[None], self.state)[0]
+        self.frames_pushed += codes.shape[0]
+        return wav.float().cpu().numpy()
+
+    def flush(self) -> np.ndarray:
+        """Samples still owed at the end of the utterance: none, as the decoder has no lookahead."""
+        return np.zeros(0, dtype=np.float32)
+
+    def fork(self) -> "StreamingDecoder":
+        """An independent copy of this stream's state: prime once per voice, fork per utterance."""
+        clone = StreamingDecoder(self.codec, state=self.state.clone())
+        clone.frames_pushed = self.frames_pushed
+        return clone
+
+    @property
+    def frames_decoded(self) -> int:
+        """All frames through the decoder, context included (the next RoPE position)."""
+        return self.state.frames
