@@ -69,3 +69,47 @@ class CloningUnsupported(EngineUnavailable):
     session can go on with the built-in voices, so it is recoverable."""
 
     recoverable = True
+
+
+class InvalidVoiceId(InvalidInput):
+    """A voice id with path separators, `..`, unsafe characters or too long."""
+
+    code = "INVALID_VOICE_ID"
+
+
+class VoiceExists(MakimaError):
+    """A voice with this id exists already, or another upload of it is in progress."""
+
+    code = "VOICE_EXISTS"
+
+
+class NotReady(MakimaError):
+    """The model is still loading."""
+
+    code = "TTS_NOT_READY"
+
+
+class Overloaded(MakimaError):
+    """Every generation slot is busy and the wait queue is full."""
+
+    code = "OVERLOADED"
+
+
+class SessionTimeout(MakimaError):
+    code = "SESSION_TIMEOUT"
+    recoverable = False
+
+
+# HTTP status for each error class (most specific first).
+HTTP_STATUS: list[tuple[type, int]] = [
+    (Overloaded, 429), (NotReady, 503), (CloningUnsupported, 400), (EngineUnavailable, 503),
+    (VoiceExists, 409), (VoiceNotFound, 404), (TextTooLong, 413), (InvalidInput, 400),
+    (CheckpointError, 503), (SynthesisError, 500), (MakimaError, 500),
+]
+
+
+def http_status(error: Exception) -> int:
+    for cls, status in HTTP_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
