@@ -1,0 +1,1 @@
+"""The HTTP / WebSocket server. Build the app with `makima_tts.server.app.create_app`."""

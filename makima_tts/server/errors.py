@@ -1,0 +1,38 @@
+"""Errors over HTTP: OpenAI's error shape, with our stable code."""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ..errors import MakimaError, http_status
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable_error"}
+
+
+def error_body(code: str, message: str, status: int, param: str | None = None) -> dict:
+    """{"error": {"message", "type", "param", "code"}} as the OpenAI API sends it."""
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(exc: Exception, status: int | None = None) -> JSONResponse:
+    if isinstance(exc, MakimaError):
+        status = status or http_status(exc)
+        return JSONResponse(error_body(exc.code, exc.message, status), status_code=status)
+    status = status or 500
+    return JSONResponse(error_body("INTERNAL_ERROR", "internal error", status), status_code=status)
+
+
+async def makima_error_handler(request: Request, exc: MakimaError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+    return JSONResponse(error_body("INVALID_MESSAGE", message, 400, param=where or None), status_code=400)
