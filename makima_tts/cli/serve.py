@@ -1,0 +1,82 @@
+"""`makima-tts serve`: the HTTP / WebSocket server under uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+# flag -> Settings field; every flag also reads MAKIMA_TTS_<FIELD> when not given
+_FLAGS = [
+    ("--host", "host", str, "bind address (default 127.0.0.1)"),
+    ("--port", "port", int, "port (default 8000)"),
+    ("--engine", "engine", str, "auto (default: Qwen3-TTS when a checkpoint loads, else the embedded engine), "
+                               "qwen3 or piper"),
+    ("--checkpoint", "checkpoint", str, "Qwen3-TTS checkpoint folder or Hugging Face repo id"),
+    ("--device", "device", str, "cpu or cuda"),
+    ("--dtype", "dtype", str, "float32, bfloat16 or float16"),
+    ("--threads", "threads", int, "CPU threads for the engine"),
+    ("--piper-voice", "piper_voice", str, "embedded engine voice (default joe)"),
+    ("--voices-dir", "voices_dir", str, "the voice library folder"),
+    ("--default-voice", "default_voice", str, "voice used when a request names none"),
+    ("--max-streams", "max_streams", int, "utterances generating at once"),
+    ("--max-queue", "max_queue", int, "utterances waiting for a slot before OVERLOADED"),
+    ("--max-text-chars", "max_text_chars", int, "longest text per request"),
+    ("--session-idle-timeout", "session_idle_timeout_s", float, "seconds before an idle WebSocket closes"),
+    ("--prompt-cache-size", "prompt_cache_size", int, "voice prompts kept in memory"),
+    ("--prompt-cache-ttl", "prompt_cache_ttl_s", float, "seconds a voice prompt stays in memory"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "largest voice upload"),
+    ("--log-level", "log_level", str, "debug, info, warning, error"),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the server (WebSocket, OpenAI-compatible HTTP, voices, /speak page)",
+                       description="Run the makima-tts server. Every flag can also be set as an environment "
+                                   "variable MAKIMA_TTS_<NAME> (e.g. MAKIMA_TTS_CHECKPOINT).")
+    for flag, _, typ, help_ in _FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--lazy-load", action="store_true", default=None, help="load the model on the first request")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this API key (repeatable; env MAKIMA_TTS_API_KEYS as a JSON list)")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from ..server.settings import Settings
+
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in _FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.lazy_load:
+        given["lazy_load"] = True
+    if args.api_key:
+        given["api_keys"] = args.api_key
+    return Settings(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as e:
+        print(f"error [MISSING_EXTRA]: the server needs the `server` extra: pip install 'makima-tts[server]' ({e})",
+              file=sys.stderr)
+        return 2
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"error [INVALID_SETTING]: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            ws_max_size=1 << 20)
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn reports a failed start-up (e.g. engine = qwen3 with a checkpoint that cannot load) by not
+    # having started; exit non-zero so scripts and supervisors see it
+    return 0 if server.started else 3

@@ -1,0 +1,63 @@
+"""The FastAPI app: `create_app(settings)`; `makima-tts serve` runs it under uvicorn."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from .. import __version__
+from ..engine.types import SpeechEngine
+from ..errors import MakimaError
+from . import routes_openai, routes_ops, routes_ws
+from .context import ServerContext
+from .errors import error_body, makima_error_handler, validation_error_handler
+from .settings import Settings
+
+log = logging.getLogger("makima_tts.server")
+_HTTP_CODES = {401: "UNAUTHORIZED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "UPLOAD_TOO_LARGE"}
+
+
+async def _http_error_handler(request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+    return JSONResponse(error_body(code, str(exc.detail), exc.status_code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def create_app(settings: Optional[Settings] = None, engine: Optional[SpeechEngine] = None) -> FastAPI:
+    settings = settings or Settings()
+    ctx = ServerContext(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await ctx.start()
+        try:
+            yield
+        finally:
+            ctx.close()
+
+    app = FastAPI(title="makima-tts", version=__version__, lifespan=lifespan,
+                  description="Streaming text-to-speech: WebSocket /api/v1/speak, OpenAI-compatible "
+                              "/v1/audio/speech, voices. The WebSocket protocol is in docs/protocol.md.")
+    app.state.ctx = ctx
+    app.add_exception_handler(MakimaError, makima_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.include_router(routes_ops.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_ws.router)
+    for name in ("routes_voices", "routes_page"):     # each its own module
+        try:
+            module = __import__(f"makima_tts.server.{name}", fromlist=["router"])
+        except ModuleNotFoundError as e:
+            if e.name != f"makima_tts.server.{name}":
+                raise
+            continue
+        app.include_router(module.router)
+        if hasattr(module, "mount_static"):
+            module.mount_static(app)
+    return app

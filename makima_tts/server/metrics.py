@@ -1,0 +1,27 @@
+"""Prometheus metrics, one registry per app."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.active_sessions = Gauge("makima_active_sessions", "Open WebSocket sessions", registry=r)
+        self.active_streams = Gauge("makima_active_streams", "Utterances generating now", registry=r)
+        self.queued = Gauge("makima_queued_requests", "Utterances waiting for a generation slot", registry=r)
+        self.utterances = Counter("makima_utterances_total", "Utterances by outcome", ["engine", "outcome"],
+                                  registry=r)
+        self.ttfa = Histogram("makima_time_to_first_audio_seconds", "Time to first audio of an utterance",
+                              buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30), registry=r)
+        self.rtf = Histogram("makima_real_time_factor", "Processing time / audio duration",
+                             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20), registry=r)
+        self.audio_seconds = Counter("makima_audio_seconds_total", "Audio produced", registry=r)
+        self.errors = Counter("makima_errors_total", "Errors by code", ["code"], registry=r)
+        self.prompt_computations = Counter("makima_voice_prompt_computations_total",
+                                           "Voice prompts computed (not loaded from cache)", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,96 @@
+"""The WebSocket protocol's client messages (docs/protocol.md is the contract)."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ..errors import InvalidInput, UnsupportedFormat
+from .stream import SAMPLE_RATES
+
+FORMATS = ("pcm_s16le", "pcm_f32le")
+
+
+class StageSampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    do_sample: Optional[bool] = None
+    temperature: Optional[float] = Field(None, ge=0.0, le=5.0)
+    top_k: Optional[int] = Field(None, ge=0, le=10000)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=5.0)
+
+
+class Sampling(StageSampling):
+    """Talker settings at the top level; the code predictor's under `predictor`."""
+    seed: Optional[int] = None
+    predictor: Optional[StageSampling] = None
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Start(_Msg):
+    type: Literal["start"]
+    voice: Optional[str] = None
+    language: str = "auto"
+    format: str = "pcm_s16le"
+    sample_rate: int = 24000
+    sampling: Optional[Sampling] = None
+
+
+class Speak(_Msg):
+    type: Literal["speak"]
+    text: str
+    id: Optional[str] = Field(None, max_length=128)
+    voice: Optional[str] = None
+    language: Optional[str] = None
+    interrupt: bool = False
+
+
+class Text(_Msg):
+    type: Literal["text"]
+    text: str
+
+
+class Flush(_Msg):
+    type: Literal["flush"]
+
+
+class Cancel(_Msg):
+    type: Literal["cancel"]
+
+
+class Stop(_Msg):
+    type: Literal["stop"]
+
+
+ClientMessage = Annotated[Union[Start, Speak, Text, Flush, Cancel, Stop], Field(discriminator="type")]
+_adapter = TypeAdapter(ClientMessage)
+
+
+def parse_message(raw: str):
+    """A client message, or InvalidInput / UnsupportedFormat with a message that says what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, TypeError):
+        raise InvalidInput("messages are JSON text frames; this one is not valid JSON") from None
+    if not isinstance(data, dict) or "type" not in data:
+        raise InvalidInput("a message is a JSON object with a `type`: start, speak, text, flush, cancel or stop")
+    try:
+        msg = _adapter.validate_python(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())[1:])
+        if err.get("type") == "union_tag_invalid":
+            raise InvalidInput(f"unknown message type {data.get('type')!r}; expected start, speak, text, flush, "
+                               "cancel or stop") from None
+        raise InvalidInput(f"{data.get('type')}: {where + ': ' if where else ''}{err.get('msg')}") from None
+    if isinstance(msg, Start):
+        if msg.format not in FORMATS:
+            raise UnsupportedFormat(f"format {msg.format!r} is not supported; use one of {', '.join(FORMATS)}")
+        if msg.sample_rate not in SAMPLE_RATES:
+            raise UnsupportedFormat(f"sample_rate {msg.sample_rate} is not supported; use one of "
+                                    f"{', '.join(map(str, SAMPLE_RATES))}")
+    return msg

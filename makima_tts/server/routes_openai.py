@@ -1,0 +1,106 @@
+"""OpenAI-compatible POST /v1/audio/speech: the body streams while the audio is generated."""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Literal, Optional, Union
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..audio import CONTENT_TYPES, make_encoder
+from ..errors import MakimaError
+from .auth import require_api_key
+from .stream import Synthesis
+
+router = APIRouter()
+OUT_RATE = 24000
+
+
+class VoiceRef(BaseModel):
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field("makima-tts", description="any value; the server speaks with its loaded model")
+    input: str = Field(..., description="the text to speak")
+    voice: Union[str, VoiceRef, None] = Field(None, description="a voice id from /api/v1/voices; OpenAI's "
+                                                                "names (alloy, ...) mean the default voice")
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="tempo; the pitch is kept")
+    stream_format: Literal["audio", "sse"] = "audio"
+    instructions: Optional[str] = Field(None, description="accepted and ignored")
+    language: Optional[str] = Field(None, description="makima-tts extension: auto or one of the ten languages")
+
+
+@router.post("/v1/audio/speech", tags=["openai"], dependencies=[Depends(require_api_key)],
+             response_class=StreamingResponse,
+             responses={200: {"content": {ct: {} for ct in CONTENT_TYPES.values()}}})
+async def speech(body: SpeechRequest, request: Request):
+    ctx = request.app.state.ctx
+    text = ctx.check_text(body.input)
+    await ctx.get_engine(wait=ctx.settings.lazy_load)
+    voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
+    fmt = body.response_format
+    encoder = make_encoder(fmt, OUT_RATE)
+    synth = Synthesis(ctx, text, voice=voice, language=body.language or "auto", out_rate=OUT_RATE,
+                      speed=body.speed)
+    audio = synth.run()
+    try:   # the first chunk before the status line: errors get their status code
+        first = await audio.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException as e:
+        await audio.aclose()
+        if isinstance(e, MakimaError):
+            ctx.metrics.errors.labels(e.code).inc()
+        raise
+
+    async def encoded():
+        outcome = "cancelled"
+        try:
+            if first is not None:
+                yield encoder.encode(first)
+            async for pcm in audio:
+                data = encoder.encode(pcm)
+                if data:
+                    yield data
+            yield encoder.finish()
+            outcome = "ok"
+        except MakimaError as e:
+            outcome = "error"
+            ctx.metrics.errors.labels(e.code).inc()
+            raise
+        finally:
+            await audio.aclose()
+            _observe(ctx, synth, outcome)
+
+    async def sse():
+        n = 0
+        async for data in encoded():
+            if data:
+                n += len(data)
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                yield f"data: {json.dumps(event)}\n\n".encode()
+        done = {"type": "speech.audio.done",
+                "usage": {"input_tokens": len(text), "output_tokens": n, "total_tokens": len(text) + n}}
+        yield f"data: {json.dumps(done)}\n\n".encode()
+
+    headers = {"X-Voice": str(synth.stats.voice or ""), "Cache-Control": "no-store"}
+    if body.stream_format == "sse":
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(encoded(), media_type=CONTENT_TYPES[fmt], headers=headers)
+
+
+def _observe(ctx, synth: Synthesis, outcome: str) -> None:
+    m = ctx.metrics
+    m.utterances.labels(ctx.engine.name if ctx.engine else "none", outcome).inc()
+    st = synth.stats
+    if outcome == "ok":
+        if st.ttfa_s is not None:
+            m.ttfa.observe(st.ttfa_s)
+        if st.rtf is not None:
+            m.rtf.observe(st.rtf)
+        m.audio_seconds.inc(st.audio_s)

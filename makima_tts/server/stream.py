@@ -1,0 +1,150 @@
+"""One utterance: the engine's generator in a worker thread, its chunks out as an async iterator.
+
+The worker hands chunks over through a small bounded queue: a consumer that stops reading
+(a slow client) fills it and the worker waits, so generation pauses instead of piling up
+audio in memory. `close()` (or leaving the `async for`) cancels the engine before its next
+frame and returns the generation slot once the worker has stopped.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import numpy as np
+
+from ..audio import StreamResampler, time_stretch
+from ..engine.types import CancelToken, GenerationSettings
+from ..errors import MakimaError, SynthesisError
+
+_END = object()
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+_STRETCH_MIN_S = 0.5      # speed != 1: stretch at least this much audio at a time
+
+
+@dataclass
+class UtteranceStats:
+    started: float = 0.0          # perf_counter when the request was taken up
+    ttfa_s: Optional[float] = None
+    audio_s: float = 0.0
+    total_s: float = 0.0
+    voice: Optional[str] = None
+
+    @property
+    def rtf(self) -> Optional[float]:
+        return self.total_s / self.audio_s if self.audio_s > 0 else None
+
+
+class Synthesis:
+    """`async for pcm in Synthesis(ctx, ...).run()`: float32 mono PCM at `out_rate`."""
+
+    def __init__(self, ctx, text: str, *, voice: Optional[str], session_voice: Optional[str] = None,
+                 language: str = "auto", sampling: Optional[dict] = None, out_rate: int = 24000,
+                 speed: float = 1.0):
+        self.ctx = ctx
+        self.text = ctx.check_text(text)
+        self.voice = voice
+        self.session_voice = session_voice
+        self.language = language or "auto"
+        self.sampling = sampling
+        self.out_rate = int(out_rate)
+        self.speed = float(speed)
+        self.cancel_token = CancelToken()
+        self.stats = UtteranceStats(started=time.perf_counter())
+        self._queue: Optional[asyncio.Queue] = None
+
+    def cancel(self) -> None:
+        """Stop before the next frame (call on the event loop)."""
+        self.cancel_token.cancel()
+        if self._queue is not None:
+            try:
+                self._queue.put_nowait(_END)      # wake a consumer waiting for the next chunk
+            except asyncio.QueueFull:
+                pass
+
+    async def run(self) -> AsyncIterator[np.ndarray]:
+        ctx = self.ctx
+        engine = await ctx.get_engine(wait=True)
+        loop = asyncio.get_running_loop()
+        voice_id, voice_obj = await loop.run_in_executor(ctx.executor, ctx.resolve_voice, self.voice,
+                                                         self.session_voice)
+        self.stats.voice = voice_id
+        settings: Optional[GenerationSettings] = ctx.generation_settings(self.sampling)
+        async with ctx.scheduler.slot():
+            queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, ctx.settings.send_buffer_chunks))
+            self._queue = queue
+            worker = loop.run_in_executor(ctx.executor, self._work, engine, voice_obj, settings, queue, loop)
+            resampler = StreamResampler(engine.sample_rate, self.out_rate) if engine.sample_rate != self.out_rate \
+                else None
+            held: list[np.ndarray] = []
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _END or self.cancel_token.cancelled:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    pcm = resampler.process(item) if resampler else item
+                    out = self._stretch(held, pcm, final=False)
+                    if out is not None and len(out):
+                        yield self._count(out)
+                if self.cancel_token.cancelled:
+                    return
+                tail = resampler.flush() if resampler else np.zeros(0, np.float32)
+                out = self._stretch(held, tail, final=True)
+                if out is not None and len(out):
+                    yield self._count(out)
+            finally:
+                self.cancel_token.cancel()
+                while not queue.empty():           # unblock a worker waiting to put
+                    queue.get_nowait()
+                try:
+                    await asyncio.shield(worker)
+                except BaseException:
+                    pass
+                self.stats.total_s = time.perf_counter() - self.stats.started
+
+    def _count(self, pcm: np.ndarray) -> np.ndarray:
+        if self.stats.ttfa_s is None:
+            self.stats.ttfa_s = time.perf_counter() - self.stats.started
+        self.stats.audio_s += len(pcm) / self.out_rate
+        return pcm
+
+    def _stretch(self, held: list, pcm: np.ndarray, final: bool) -> Optional[np.ndarray]:
+        if self.speed == 1.0:
+            return pcm
+        held.append(pcm)
+        n = sum(len(p) for p in held)
+        if not final and n < _STRETCH_MIN_S * self.out_rate:
+            return None
+        block = np.concatenate(held) if held else np.zeros(0, np.float32)
+        held.clear()
+        return time_stretch(block, self.out_rate, self.speed) if len(block) else block
+
+    def _work(self, engine, voice_obj, settings, queue: asyncio.Queue, loop) -> None:
+        token = self.cancel_token
+
+        def put(item) -> bool:
+            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            while True:
+                try:
+                    fut.result(timeout=0.05)
+                    return True
+                except concurrent.futures.TimeoutError:
+                    if token.cancelled:
+                        fut.cancel()
+                        return False
+                except Exception:
+                    return False
+
+        try:
+            for chunk in engine.stream(self.text, voice_obj, self.language, settings, cancel=token):
+                if token.cancelled or not put(np.asarray(chunk.pcm, dtype=np.float32)):
+                    return
+            put(_END)
+        except MakimaError as e:
+            put(e)
+        except Exception as e:  # a bug or a model failure: a clear error, not a dead session
+            put(SynthesisError(f"synthesis failed: {type(e).__name__}: {e}"))
