@@ -1,0 +1,51 @@
+"""The /speak page: a static HTML page, its script, style and AudioWorklet module (no build step).
+
+`router` serves GET /speak (the page) and GET /static/{name} (files in makima_tts/server/static/).
+Include it with `app.include_router(router)`, or call `mount_static(app)`, which does the same.
+The page and its files are public; the page passes `?api_key=` on to the API calls it makes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.responses import FileResponse
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",   # AudioWorklet.addModule needs a JavaScript MIME type
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+}
+_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+router = APIRouter(tags=["page"])
+
+
+def _file(name: str) -> FileResponse:
+    path = (STATIC_DIR / name).resolve()
+    if STATIC_DIR not in path.parents or not path.is_file():
+        raise HTTPException(status_code=404, detail="not found")
+    media_type = _TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers=_HEADERS)
+
+
+@router.get("/speak", include_in_schema=False)
+async def speak_page() -> FileResponse:
+    return _file("speak.html")
+
+
+@router.get("/static/{name:path}", include_in_schema=False)
+async def static_file(name: str) -> FileResponse:
+    return _file(name)
+
+
+def mount_static(app: FastAPI) -> None:
+    """Serve the page and its static files on `app` (same as `app.include_router(router)`)."""
+    app.include_router(router)
