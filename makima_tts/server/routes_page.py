@@ -36,16 +36,19 @@ def _file(name: str) -> FileResponse:
     return FileResponse(path, media_type=media_type, headers=_HEADERS)
 
 
-@router.get("/speak", include_in_schema=False)
+@router.api_route("/speak", methods=["GET", "HEAD"], include_in_schema=False)
 async def speak_page() -> FileResponse:
     return _file("speak.html")
 
 
-@router.get("/static/{name:path}", include_in_schema=False)
+@router.api_route("/static/{name:path}", methods=["GET", "HEAD"], include_in_schema=False)
 async def static_file(name: str) -> FileResponse:
     return _file(name)
 
 
 def mount_static(app: FastAPI) -> None:
-    """Serve the page and its static files on `app` (same as `app.include_router(router)`)."""
+    """Serve the page and its static files on `app` (same as `app.include_router(router)`; does
+    nothing when the router is already included)."""
+    if any(getattr(r, "endpoint", None) is speak_page for r in app.router.routes):
+        return
     app.include_router(router)

@@ -186,8 +186,9 @@
 
   function postPcm(samples) {
     if (!node) return;
+    const n = samples.length;       // the buffer is transferred: count before posting
     node.port.postMessage({ type: "pcm", samples }, [samples.buffer]);
-    M.framesToWorklet += samples.length;
+    M.framesToWorklet += n;
     M.chunksToWorklet += 1;
   }
 
@@ -198,6 +199,7 @@
 
   // ------------------------------------------------------------------ socket
   let ws = null, attempt = 0, reconnectTimer = null, readyPoll = null;
+  let readies = 0;                    // ready messages on this socket (on connect, then the answer to start)
   let nextId = 1;
   const pending = new Map();          // id -> {sentAt}
   const dropped = new Set();          // ids cancelled locally: their audio is dropped
@@ -241,6 +243,7 @@
     let sock;
     try { sock = new WebSocket(u.toString()); } catch (e) { scheduleReconnect(); return; }
     ws = sock;
+    readies = 0;
     sock.binaryType = "arraybuffer";
     M.connects += 1;
     sock.onopen = async () => {
@@ -263,9 +266,10 @@
       current = null;
       receivingId = null;
       if (lost) flushPlayer();
-      if (e.code === 1008 || e.code === 4001 || e.code === 4003) {
-        showError(e.code === 1008 ? "UNAUTHORIZED" : "WS_" + e.code,
-                  "The server closed the connection: " + (e.reason || "not allowed"), "socket");
+      if (e.code === 4401 || e.code === 1008) {
+        showError("UNAUTHORIZED", "The server refused the API key. Open this page as /speak?api_key=YOUR_KEY.", "socket");
+      } else if (e.code === 1011) {
+        showError("TTS_UNAVAILABLE", "The server has no speech engine: " + (e.reason || "see its log"), "socket");
       }
       scheduleReconnect();
     };
@@ -306,6 +310,9 @@
         for (const id of (msg.ids || [])) { pending.delete(id); dropped.add(id); }
         maybeIdle();
         break;
+      case "status":
+        if (msg.state === "loading") setState("loading", msg.message || "");
+        break;
       case "stopped": break;
       case "error": onServerError(msg); break;
     }
@@ -313,17 +320,19 @@
 
   async function onReady(msg) {
     M.ready = msg;
+    readies += 1;
     M.sampleRate = msg.sample_rate || requestedRate();
     M.format = msg.format || "pcm_f32le";
     attempt = 0;
-    if (ctx && M.sampleRate !== ctx.sampleRate) {
+    // the first ready (on connect) carries the server's defaults; the answer to `start` is ours
+    const answer = readies >= 2 || (msg.format === "pcm_f32le" && msg.sample_rate === requestedRate());
+    if (ctx && answer && M.sampleRate !== ctx.sampleRate) {
       // the server gave another rate than asked: play at its rate, the browser resamples
       await setupAudio(M.sampleRate);
     }
     const parts = [msg.engine, msg.model].filter(Boolean);
     ui.engine.textContent = (parts.length ? "Engine: " + parts.join(" · ") + " · " : "") +
       `${M.sampleRate} Hz ${M.format}` + (msg.session_id ? ` · session ${String(msg.session_id).slice(0, 8)}` : "");
-    if (msg.voice && !ui.voice.value) selectVoice(msg.voice);
     setState(pending.size || playing ? "speaking" : "ready");
   }
 
@@ -396,6 +405,7 @@
   }
 
   function onServerError(msg) {
+    if (msg.code === "SESSION_TIMEOUT") return;     // idle: the socket closes and we reconnect
     showError(msg.code, msg.message || "error", "socket");
     if (msg.id != null) {
       pending.delete(msg.id);
@@ -495,44 +505,51 @@
     const bits = [];
     if (v.language && v.language !== "auto") bits.push(v.language);
     if (v.builtin) bits.push("built-in");
-    else if (v.generated) bits.push("designed");
+    else if (v.generated) bits.push("generated");
+    else if (v.seed) bits.push("seed");
     else bits.push("cloned");
     return bits.length ? `${name} (${bits.join(", ")})` : name;
   }
 
   function selectVoice(id) {
-    if ([...ui.voice.options].some((o) => o.value === id)) ui.voice.value = id;
+    if ([...ui.voice.options].some((o) => o.value === id && !o.disabled)) ui.voice.value = id;
+  }
+
+  function option(value, text, disabled) {
+    const o = document.createElement("option");
+    o.value = value;
+    o.textContent = text;
+    o.disabled = !!disabled;
+    return o;
   }
 
   async function loadVoices(select) {
     try {
-      const r = await fetch(apiUrl("api/v1/voices"), { headers: authHeaders(), cache: "no-store" });
+      const r = await fetch(apiUrl("api/v1/voices?limit=1000"), { headers: authHeaders(), cache: "no-store" });
       if (!r.ok) throw await httpError(r);
       const body = await r.json();
       const voices = body.voices || [];
       M.voices = voices;
-      const keep = select || ui.voice.value || body.default_voice || "";
+      // default_voice: a voice id, or {voice_id, reason}
+      const dv = body.default_voice;
+      const defaultId = dv && typeof dv === "object" ? dv.voice_id : dv || "";
+      const keep = select != null ? select : ui.voice.value;
       ui.voice.textContent = "";
-      if (!voices.length) {
-        const o = document.createElement("option");
-        o.value = "";
-        o.textContent = "server default";
-        ui.voice.appendChild(o);
-      }
+      const listed = voices.some((v) => v.voice_id === defaultId);
+      ui.voice.appendChild(option("", "Server default" + (defaultId && !listed ? ` (${defaultId})` : "")));
       for (const v of voices) {
-        const o = document.createElement("option");
-        o.value = v.voice_id;
-        o.textContent = voiceLabel(v) + (v.voice_id === body.default_voice ? " · default" : "");
-        ui.voice.appendChild(o);
+        const noClip = v.has_audio === false && !v.builtin && !v.generated;
+        ui.voice.appendChild(option(v.voice_id,
+          voiceLabel(v) + (v.voice_id === defaultId ? " · default" : "") + (noClip ? " · no clip yet" : ""),
+          noClip));
       }
-      selectVoice(keep);
+      selectVoice(keep || "");
       return voices;
     } catch (e) {
-      ui.voice.textContent = "";
-      const o = document.createElement("option");
-      o.value = "";
-      o.textContent = "server default";
-      ui.voice.appendChild(o);
+      if (!ui.voice.options.length || ui.voice.options[0].value !== "") {
+        ui.voice.textContent = "";
+        ui.voice.appendChild(option("", "Server default"));
+      }
       showError(e.code || "VOICES", "Could not load voices: " + e.message, "http");
       setTimeout(() => loadVoices(), 5000);
       return [];
@@ -627,7 +644,8 @@
       await loadVoices(id);
       if (id) selectVoice(id);
       clearError();
-      ui.uploadStatus.textContent = `Added “${v.name || name}”${id ? " (" + id + ")" : ""}; it is selected above.`;
+      ui.uploadStatus.textContent = `Added “${v.name || name}”${id ? " (" + id + ")" : ""}; it is selected above.` +
+        (v.warning ? " Note: " + v.warning : "");
       ui.uploadStatus.className = "hint ok";
       M.lastUpload = v;
     } catch (e) {
