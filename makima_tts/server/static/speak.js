@@ -35,6 +35,8 @@
     workletFramesReceived: 0, // reported back by the worklet
     workletChunksReceived: 0,
     workletFramesPlayed: 0,
+    workletBuffered: 0,
+    workletPlaying: false,
     underruns: 0,
     flushes: 0,
     utterances: 0,            // audio_end received
@@ -176,6 +178,8 @@
       M.workletFramesPlayed = msg.framesPlayed;
       M.underruns = msg.underruns;
       M.flushes = msg.flushes;
+      M.workletBuffered = msg.buffered;
+      M.workletPlaying = msg.playing;
     } else if (msg.type === "started") {
       if (current && current.playStartAt == null) current.playStartAt = performance.now();
     } else if (msg.type === "drained") {
@@ -693,6 +697,7 @@
   M.speak = (text) => { if (text != null) ui.text.value = text; return speak(); };
   M.stop = stop;
   M.reloadVoices = () => loadVoices();
+  M.dropConnection = () => { if (ws) ws.close(); };   // for tests: the socket drops, the page reconnects
 
   setState("connecting");
   setupAudio(24000);
