@@ -521,7 +521,7 @@ class VoiceLibrary:
         if source_name is not None:
             source_name = os.path.basename(str(source_name))[:200] or None
         pcm, warning = check_clip(audio, sample_rate)
-        pcm16 = np.clip(np.round(pcm * 32767.0), -32768, 32767).astype(np.int16)
+        pcm16 = np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
         digest = hashlib.sha256(pcm16.tobytes()).hexdigest()
         flac = _encode_flac(pcm16)
         now = int(time.time())
