@@ -92,14 +92,17 @@
     return err;
   }
 
-  function describe(code, message) {
-    return code ? `${message} (${code})` : message;
-  }
-
   function showError(code, message, source) {
     M.lastError = { code: code || null, message: message, source: source || "page" };
     M.errors += 1;
-    ui.errorText.textContent = describe(code, message);
+    ui.errorText.textContent = "";
+    if (code) {
+      const tag = document.createElement("strong");
+      tag.className = "code";
+      tag.textContent = code;
+      ui.errorText.append(tag, " ");
+    }
+    ui.errorText.append(message);
     ui.error.hidden = false;
   }
 
@@ -334,7 +337,11 @@
       // the server gave another rate than asked: play at its rate, the browser resamples
       await setupAudio(M.sampleRate);
     }
-    const parts = [msg.engine, msg.model].filter(Boolean);
+    // a local checkpoint folder: show its name, the full path on hover
+    const model = msg.model && /^([A-Za-z]:)?[\\/]/.test(msg.model)
+      ? msg.model.replace(/[\\/]+$/, "").split(/[\\/]/).pop() : msg.model;
+    ui.engine.title = msg.model || "";
+    const parts = [msg.engine, model].filter(Boolean);
     ui.engine.textContent = (parts.length ? "Engine: " + parts.join(" · ") + " · " : "") +
       `${M.sampleRate} Hz ${M.format}` + (msg.session_id ? ` · session ${String(msg.session_id).slice(0, 8)}` : "");
     setState(pending.size || playing ? "speaking" : "ready");
