@@ -293,6 +293,21 @@ def check_clip(audio, sample_rate: int) -> tuple[np.ndarray, Optional[str]]:
     return np.clip(x, -1.0, 1.0).astype(np.float32), warning
 
 
+def _check_declared_length(data: bytes) -> None:
+    """Refuse, before decoding, a file whose header says it is far longer than a clip may be
+    (a small compressed file can expand to hours of samples)."""
+    try:
+        import soundfile as sf
+
+        info = sf.info(io.BytesIO(data))
+        seconds = info.frames / info.samplerate if info.samplerate > 0 else 0.0
+    except Exception:
+        return  # not readable by libsndfile: read_audio decides
+    if seconds > 4 * MAX_SECONDS:
+        raise InvalidAudio(f"the clip is too long: {seconds:.0f} s; at most {MAX_SECONDS:.0f} s is accepted "
+                           f"({RECOMMENDED_SECONDS[0]:.0f}-{RECOMMENDED_SECONDS[1]:.0f} s recommended); trim it")
+
+
 def _encode_flac(pcm16: np.ndarray) -> bytes:
     import soundfile as sf
 
@@ -502,7 +517,9 @@ class VoiceLibrary:
         validate_id(voice_id)
         if not data:
             raise InvalidAudio("the uploaded file is empty (0 bytes)")
-        pcm, sr = read_audio(bytes(data))
+        data = bytes(data)
+        _check_declared_length(data)
+        pcm, sr = read_audio(data)
         return self.add(voice_id, pcm, sr, source_name=source_name, **kw)
 
     def add(self, voice_id, audio: np.ndarray, sample_rate: int, *, name: Optional[str] = None,
@@ -589,6 +606,11 @@ class VoiceLibrary:
                 record.name = _clean_text(name, "name", MAX_NAME_CHARS) or voice_id
             if transcript is not None:
                 new = _clean_text(transcript, "transcript", MAX_TRANSCRIPT_CHARS)
+                if new is None and not record.x_vector_only:
+                    from .errors import EmptyText
+
+                    raise EmptyText(f"voice {voice_id!r} clones from its clip and transcript: the transcript "
+                                    "cannot be emptied")
                 changed_transcript = new != record.transcript
                 record.transcript = new
             record.updated = int(time.time())

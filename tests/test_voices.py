@@ -176,6 +176,14 @@ def test_malformed_uploads(lib):
     assert rec.duration_s == pytest.approx(2.0, abs=0.01) and time.perf_counter() - t0 < 5
 
 
+def test_long_flac_refused_before_decoding(lib):
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(8000 * 600, np.float32), 8000, format="FLAC")     # 10 min of silence, small
+    assert len(buf.getvalue()) < 1_000_000
+    with pytest.raises(InvalidAudio, match="too long: 600 s"):
+        lib.add_file("x", buf.getvalue(), transcript=TEXT)
+
+
 def test_mp3_named_wav_decodes(lib):
     from makima_tts.audio import make_encoder
 
@@ -198,6 +206,8 @@ def test_replace_update_remove(lib):
     files = sorted(p.name for p in (lib.root / "v").iterdir())
     assert files == ["manifest.json", second.audio_file]          # old clip and stale prompt gone
     (lib.root / "v" / "prompt-abc.safetensors").write_bytes(b"x")
+    with pytest.raises(EmptyText):
+        lib.update("v", transcript="  ")
     upd = lib.update("v", name="Vee", transcript="three")
     assert upd.name == "Vee" and upd.transcript == "three" and upd.hash == second.hash
     assert not (lib.root / "v" / "prompt-abc.safetensors").exists()
