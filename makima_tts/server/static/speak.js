@@ -463,7 +463,7 @@
     if (ui.voice.value) msg.voice = ui.voice.value;
     msg.language = ui.language.value || "auto";
     pending.set(id, { sentAt: performance.now() });
-    ui.mCttfa.textContent = "…";
+    for (const cell of [ui.mTtfa, ui.mCttfa, ui.mRtf, ui.mAudio]) cell.textContent = "…";
     if (!send(msg)) { pending.delete(id); return; }
     setState("speaking");
   }
