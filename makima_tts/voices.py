@@ -819,7 +819,8 @@ class PromptCache:
             try:
                 prompt = VoicePrompt.load(path)
                 if prompt.fingerprint == fp and prompt.meta.get("voice_key") == key:
-                    self.disk_loads += 1
+                    with self._lock:
+                        self.disk_loads += 1
                     return prompt
             except Exception as e:
                 log.warning("voice %s: ignoring unreadable prompt file %s: %s", record.voice_id, path, e)
