@@ -105,8 +105,8 @@ def to_pcm16(pcm: np.ndarray) -> bytes:
 
 
 def to_f32le(pcm: np.ndarray) -> bytes:
-    """float32 -> 32-bit float little-endian bytes."""
-    return _as_mono_f32(pcm).astype("<f4").tobytes()
+    """float32 -> 32-bit float little-endian bytes, clipped to [-1, 1] (resampling can overshoot)."""
+    return np.clip(_as_mono_f32(pcm), -1.0, 1.0).astype("<f4").tobytes()
 
 
 _UNKNOWN_SIZE = 0xFFFFFFFF

@@ -33,6 +33,7 @@ class SpeechRequest(BaseModel):
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: Optional[str] = Field(None, description="accepted and ignored")
     language: Optional[str] = Field(None, description="makima-tts extension: auto or one of the ten languages")
+    seed: Optional[int] = Field(None, description="makima-tts extension: seed for reproducible sampling")
 
 
 @router.post("/v1/audio/speech", tags=["openai"], dependencies=[Depends(require_api_key)],
@@ -46,7 +47,7 @@ async def speech(body: SpeechRequest, request: Request):
     fmt = body.response_format
     encoder = make_encoder(fmt, OUT_RATE)
     synth = Synthesis(ctx, text, voice=voice, language=body.language or "auto", out_rate=OUT_RATE,
-                      speed=body.speed)
+                      speed=body.speed, sampling=None if body.seed is None else {"seed": body.seed})
     audio = synth.run()
     try:   # the first chunk before the status line: errors get their status code
         first = await audio.__anext__()

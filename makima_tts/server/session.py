@@ -245,7 +245,7 @@ class Session:
                 if not started:
                     await self.send({"type": "audio_start", "id": utt.id, "voice": synth.stats.voice})
                     started = True
-                await self.send_bytes(encode(pcm))
+                await self.send_bytes(encode(pcm), utt)
         finally:
             await agen.aclose()
         metrics = self.ctx.metrics
@@ -293,9 +293,11 @@ class Session:
         except (WebSocketDisconnect, RuntimeError, OSError) as e:
             raise _Gone() from e
 
-    async def send_bytes(self, data: bytes) -> None:
+    async def send_bytes(self, data: bytes, utt: Utterance) -> None:
         try:
             async with self._send_lock:
+                if utt.cancelled:        # nothing of a cancelled utterance after `cancelled`
+                    return
                 await self.ws.send_bytes(data)
         except (WebSocketDisconnect, RuntimeError, OSError) as e:
             raise _Gone() from e
