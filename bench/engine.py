@@ -69,6 +69,33 @@ def run_ours(args) -> dict:
     )
 
 
+def measure_floors(threads: int) -> dict:
+    """What this machine allows, measured now: the bandwidth of a large fp32 matrix-vector product
+    (weights out of cache, as in decoding one frame) and the throughput of a large fp32 matrix product."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def best(fn, reps):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        mats = [torch.randn(4096, 4096) for _ in range(8)]          # 8 x 64 MiB: far beyond any cache
+        x = torch.randn(1, 4096)
+        s = best(lambda: [torch.nn.functional.linear(x, w) for w in mats], 5)
+        gemv_gbs = sum(w.numel() * 4 for w in mats) / s / 1e9
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        s = best(lambda: torch.mm(a, b), 5)
+        gemm_gflops = 2 * 2048 ** 3 / s / 1e9
+    return dict(gemv_fp32_gb_s=round(gemv_gbs, 1), gemm_fp32_gflop_s=round(gemm_gflops, 1))
+
+
 def run_reference(args) -> dict:
     import numpy as np
     import torch
@@ -150,7 +177,8 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.child:
-        result = run_ours(args) if args.child == "ours" else run_reference(args)
+        result = {"ours": run_ours, "reference": run_reference, "floors": lambda a: measure_floors(a.threads)}[
+            args.child](args)
         print(json.dumps(result))
         return
 
@@ -162,10 +190,12 @@ def main() -> None:
         args.checkpoint = str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))
     results = {"settings": {"checkpoint": args.checkpoint, "frames": args.frames, "dtype": args.dtype,
                             "threads": args.threads, "first_chunk_frames": args.first_chunk_frames,
-                            "cpu": _cpu_name()}}
+                            "cpu": _cpu_name(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}}
+    results["floors"] = child("floors", args)
     results["ours"] = child("ours", args)
     if not args.skip_reference:
         results["reference"] = child("reference", args)
+    results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     fields = ["frame_ms", "talker_ms", "predictor_ms", "decode_s_per_audio_s", "ttfa_s", "rtf", "peak_rss_mb",
               "load_s"]
     print(f"{'system':<10}" + "".join(f"{f:>22}" for f in fields))
@@ -173,6 +203,7 @@ def main() -> None:
         if system in results:
             row = results[system]
             print(f"{system:<10}" + "".join(f"{str(row.get(f, row.get('error', '-'))):>22}" for f in fields))
+    print("floors:", results["floors"])
     print(json.dumps(results))
 
 
