@@ -100,10 +100,22 @@ class SessionTimeout(MakimaError):
     recoverable = False
 
 
+class UploadTooLarge(InvalidInput):
+    """An upload over max_upload_bytes."""
+
+    code = "UPLOAD_TOO_LARGE"
+
+
+class BuiltinVoice(InvalidInput):
+    """A built-in voice of the engine: it cannot be edited or removed."""
+
+    code = "VOICE_BUILTIN"
+
+
 # HTTP status for each error class (most specific first).
 HTTP_STATUS: list[tuple[type, int]] = [
     (Overloaded, 429), (NotReady, 503), (CloningUnsupported, 400), (EngineUnavailable, 503),
-    (VoiceExists, 409), (VoiceNotFound, 404), (TextTooLong, 413), (InvalidInput, 400),
+    (VoiceExists, 409), (VoiceNotFound, 404), (TextTooLong, 413), (UploadTooLarge, 413), (InvalidInput, 400),
     (CheckpointError, 503), (SynthesisError, 500), (MakimaError, 500),
 ]
 

@@ -107,12 +107,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
+        self.qkv_proj: nn.Module | None = None      # set by fuse()
+        self.split = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+
+    def fuse(self) -> None:
+        """One matrix-vector product for q, k and v instead of three (after the checkpoint is loaded)."""
+        if self.qkv_proj is not None:
+            return
+        fused = nn.Linear(self.q_proj.in_features, sum(self.split), bias=False,
+                          dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int):
         b, t, _ = x.shape
         d = self.cfg.head_dim
-        q = self.q_norm(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(b, t, -1, d)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, -1, d)).transpose(1, 2)
+        v = v.view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = cache.write(start, k, v)
         out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=(t > 1 and start == 0),
@@ -135,8 +153,23 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """gate and up as one matrix (after the checkpoint is loaded)."""
+        if self.gate_up_proj is not None:
+            return
+        g = self.gate_proj
+        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=False, dtype=g.weight.dtype, device=g.weight.device)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([g.weight, self.up_proj.weight]))
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -176,6 +209,12 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def fuse(self) -> None:
+        """Fuse q/k/v and gate/up in every layer (parameter names then no longer match the checkpoint)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def new_cache(self, batch: int, max_len: int) -> Cache:
         return Cache(self, batch, max_len)
@@ -249,6 +288,12 @@ class Talker(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.cfg.hidden_size
+
+    def fuse(self) -> "Talker":
+        """Fused q/k/v and gate/up projections in the talker and the code predictor (call after loading)."""
+        self.model.fuse()
+        self.code_predictor.model.fuse()
+        return self
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text token ids (b, t) -> projected text embeddings (b, t, hidden)."""

@@ -82,6 +82,7 @@ class Qwen3Engine:
     name = "qwen3"
     supports_cloning = True
     sample_rate = SAMPLE_RATE
+    quantize = "none"          # set by load(): "none", "int8" or "int8-dynamic"
 
     def __init__(self, checkpoint: Checkpoint, talker: Talker, speaker: SpeakerEncoder, codec: Codec,
                  tokenizer: TextTokenizer, device: torch.device, dtype: torch.dtype, model_id: str):
@@ -101,20 +102,40 @@ class Qwen3Engine:
     # ---- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> "Qwen3Engine":
+    def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
+             quantize: Optional[str] = None) -> "Qwen3Engine":
+        """`quantize`: None / "none" (default: weights in `dtype`), "int8" (int8 weights in blocks of 32 for
+        the talker's and the code predictor's linear layers, float32 activations; CPU) or "int8-dynamic"
+        (torch's dynamic quantization). See makima_tts/engine/quant.py."""
+        from .quant import QUANTIZE_CHOICES, quantize_linear, quantize_module
+
+        quantize = (quantize or "none").lower()
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"unknown quantize={quantize!r}; use one of: {', '.join(QUANTIZE_CHOICES)}")
         dev, dt = parse_device(device), parse_dtype(dtype)
+        if quantize != "none" and (dev.type != "cpu" or dt != torch.float32):
+            raise ValueError("int8 weights run on the CPU with dtype float32")
         ck = Checkpoint.open(checkpoint)
         tensors = load_tensors(ck.folder / "model.safetensors")
         talker = Talker(ck.config)
         load_into(talker, {k[len("talker."):]: v for k, v in tensors.items() if k.startswith("talker.")},
                   "talker", dt)
+        talker.fuse()
+        method = "none"
+        if quantize != "none":
+            with torch.no_grad():          # the per-frame work; embeddings and the text projection stay float
+                method = quantize_module(talker.model.layers, quantize)["method"]
+                quantize_module(talker.code_predictor, method)
+                talker.codec_head = quantize_linear(talker.codec_head, method)
         speaker = SpeakerEncoder.load({k[len("speaker_encoder."):]: v for k, v in tensors.items()
                                        if k.startswith("speaker_encoder.")},
                                       ck.config.get("speaker_encoder_config", {}), device=dev, dtype=dt)
         del tensors
         codec = Codec.load(ck.folder / "speech_tokenizer", device=dev, dtype=dt)
         tokenizer = TextTokenizer(ck.folder)
-        return cls(ck, talker.to(dev).eval(), speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
+        engine = cls(ck, talker.to(dev).eval(), speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
+        engine.quantize = method
+        return engine
 
     @staticmethod
     def _defaults(gc: dict) -> GenerationSettings:

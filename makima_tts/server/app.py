@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 from .. import __version__
 from ..engine.types import SpeechEngine
 from ..errors import MakimaError
-from . import routes_openai, routes_ops, routes_ws
+from . import routes_openai, routes_ops, routes_page, routes_voices, routes_ws
 from .context import ServerContext
 from .errors import error_body, makima_error_handler, validation_error_handler
 from .settings import Settings
@@ -50,14 +50,6 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[SpeechEngin
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ws.router)
-    for name in ("routes_voices", "routes_page"):     # each its own module
-        try:
-            module = __import__(f"makima_tts.server.{name}", fromlist=["router"])
-        except ModuleNotFoundError as e:
-            if e.name != f"makima_tts.server.{name}":
-                raise
-            continue
-        app.include_router(module.router)
-        if hasattr(module, "mount_static"):
-            module.mount_static(app)
+    app.include_router(routes_voices.router)
+    app.include_router(routes_page.router)
     return app

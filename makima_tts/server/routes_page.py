@@ -1,14 +1,14 @@
 """The /speak page: a static HTML page, its script, style and AudioWorklet module (no build step).
 
 `router` serves GET /speak (the page) and GET /static/{name} (files in makima_tts/server/static/).
-Include it with `app.include_router(router)`, or call `mount_static(app)`, which does the same.
+Include it with `app.include_router(router)`.
 The page and its files are public; the page passes `?api_key=` on to the API calls it makes.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -44,11 +44,3 @@ async def speak_page() -> FileResponse:
 @router.api_route("/static/{name:path}", methods=["GET", "HEAD"], include_in_schema=False)
 async def static_file(name: str) -> FileResponse:
     return _file(name)
-
-
-def mount_static(app: FastAPI) -> None:
-    """Serve the page and its static files on `app` (same as `app.include_router(router)`; does
-    nothing when the router is already included)."""
-    if any(getattr(r, "endpoint", None) is speak_page for r in app.router.routes):
-        return
-    app.include_router(router)

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidAudio, InvalidInput, InvalidVoiceId, MakimaError
+from ..errors import BuiltinVoice, InvalidAudio, InvalidInput, InvalidVoiceId, MakimaError, UploadTooLarge
 from ..voices import VoiceLibrary, slugify, validate_id
 from .auth import require_api_key
 from .errors import error_response
@@ -27,18 +27,6 @@ _AUTH = [Depends(require_api_key)]
 # Room for the multipart framing and the text fields on top of the file itself.
 _FORM_OVERHEAD = 64 * 1024
 _READ_PIECE = 256 * 1024
-
-
-class UploadTooLarge(InvalidInput):
-    """The upload is over max_upload_bytes (HTTP 413)."""
-
-    code = "UPLOAD_TOO_LARGE"
-
-
-class BuiltinVoice(InvalidInput):
-    """A built-in voice of the engine: it cannot be edited or removed (HTTP 400)."""
-
-    code = "VOICE_BUILTIN"
 
 
 class _TooLarge(Exception):
