@@ -76,6 +76,27 @@ static inline float dot_row_int8(const int8_t* w, const float* s, const float* x
 #endif
 }
 
+#if defined(__AVX512F__)
+// Four rows at once: four independent accumulator chains and memory streams, x read once.
+static inline void dot4_rows_int8(const int8_t* w, const float* s, const float* x, int64_t K, float* out) {
+    const int64_t nb = K / 32;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        for (int r = 0; r < 4; ++r) {
+            const int8_t* wr = w + r * K + k;
+            _mm_prefetch((const char*)(wr + 512), _MM_HINT_T0);
+            __m256i q = _mm256_loadu_si256((const __m256i*)wr);
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+            __m512 b = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+            acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(s[r * nb + k / 32]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
 static inline float dot_f32(const float* a, const float* x, int64_t K) {
 #if defined(__AVX512F__)
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -104,7 +125,11 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     const int64_t nb = K / 32;
     if (M == 1) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            for (int64_t n = n0; n < n1; ++n) op[n] = dot_row_int8(wp + n * K, sp + n * nb, xp, K);
+            int64_t n = n0;
+#if defined(__AVX512F__)
+            for (; n + 4 <= n1; n += 4) dot4_rows_int8(wp + n * K, sp + n * nb, xp, K, op + n);
+#endif
+            for (; n < n1; ++n) op[n] = dot_row_int8(wp + n * K, sp + n * nb, xp, K);
         });
     } else {
         // Several rows of activations (prefill): dequantize each weight row once into a buffer
@@ -136,7 +161,7 @@ def kernel():
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                _ext = load_inline(name="makima_int8_linear_v1", cpp_sources=_CPP, functions=["int8_linear"],
+                _ext = load_inline(name="makima_int8_linear_v2", cpp_sources=_CPP, functions=["int8_linear"],
                                    extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
