@@ -13,6 +13,7 @@ All PCM here is float32 mono in [-1, 1] unless said otherwise.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 from typing import Optional, Union
@@ -374,11 +375,13 @@ def read_audio(data: Union[bytes, bytearray, memoryview, str, os.PathLike]) -> t
     except InvalidAudio:
         raise
     except ImportError:
-        errors.append("PyAV not installed (pip install av) for other formats")
-        raise InvalidAudio(f"could not decode audio ({_READ_HINT}): " + "; ".join(errors)) from None
+        raise InvalidAudio(f"could not decode the audio: not a wav, flac, ogg or mp3 file, and PyAV (for other "
+                           f"formats) is not installed: pip install av") from None
     except Exception as e:
         errors.append(f"ffmpeg: {e}")
-        raise InvalidAudio(f"could not decode audio ({_READ_HINT}): " + "; ".join(errors)) from None
+        logging.getLogger("makima_tts.audio").debug("undecodable audio: %s", "; ".join(errors))
+        raise InvalidAudio(f"could not decode the audio: the data is not a recognised, complete audio file "
+                           f"({_READ_HINT})") from None
     if len(pcm) == 0:
         raise InvalidAudio("audio contains no samples")
     return pcm, sr

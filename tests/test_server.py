@@ -353,3 +353,27 @@ def test_api_keys_and_idle_timeout(tiny_checkpoint, voices_dir):
                                                         response_format="pcm").read()
         # the refused requests did no work: only the two authorised utterances were spoken
         assert metric(s, "makima_utterances_total", '{engine="qwen3",outcome="ok"}') == 2
+
+
+def test_more_sessions_than_streams_all_complete(server):
+    """max_streams is 2: six sessions at once wait their turn and all finish."""
+    import threading
+
+    done, errors = [], []
+
+    def one(i):
+        try:
+            with Client(server.ws_url) as c:
+                c.recv_json()
+                end, audio = c.utterance(f"Session {i}.", id=f"s{i}")
+                done.append((end["id"], len(audio)))
+        except Exception as e:        # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and sorted(i for i, _ in done) == [f"s{i}" for i in range(6)]
+    assert all(n > 0 for _, n in done)
