@@ -1,0 +1,137 @@
+"""Load benchmark: N concurrent WebSocket sessions against a server.
+
+    python bench/load.py --url http://127.0.0.1:8000 --streams 1,2,4,8 [--utterances 2] [--voice ID]
+    python bench/load.py --tiny --streams 1,2,4,8          # starts its own server on the tiny checkpoint
+    python bench/load.py --checkpoint DIR --streams 1,2,4 --max-streams 8
+
+Each session speaks `--utterances` utterances of the same text one after another. Per level it
+prints first-audio p50/p95 (from `speak` to the first binary frame, as the client sees it), the
+real-time factor of each utterance (wall time / audio time), the aggregate audio seconds per wall
+second, and the errors by code. A short table, then one JSON object last.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REF_TEXT = "Hello world. This is a test of the voice."
+TEXT = "Streaming speech sends each piece of audio as soon as it is ready, so the listener hears it at once."
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def session(url: str, n: int, voice: str | None, rate: int, out: dict) -> None:
+    import websockets
+
+    try:
+        async with websockets.connect(url + "/api/v1/speak", max_size=None, open_timeout=120) as ws:
+            json.loads(await ws.recv())
+            for i in range(n):
+                t0 = time.perf_counter()
+                msg = {"type": "speak", "text": TEXT, "id": f"u{i}"}
+                if voice:
+                    msg["voice"] = voice
+                await ws.send(json.dumps(msg))
+                first, nbytes = None, 0
+                while True:
+                    m = await ws.recv()
+                    if isinstance(m, bytes):
+                        first = first if first is not None else time.perf_counter() - t0
+                        nbytes += len(m)
+                        continue
+                    m = json.loads(m)
+                    if m["type"] == "audio_end":
+                        wall = time.perf_counter() - t0
+                        audio_s = nbytes / 2 / rate
+                        out["ttfa"].append(first)
+                        out["rtf"].append(wall / audio_s if audio_s else float("nan"))
+                        out["audio_s"] += audio_s
+                        break
+                    if m["type"] == "error":
+                        out["errors"][m["code"]] += 1
+                        break
+    except Exception as e:          # a dropped connection counts as an error
+        out["errors"][type(e).__name__] += 1
+
+
+async def level(url: str, streams: int, utterances: int, voice: str | None) -> dict:
+    out = {"ttfa": [], "rtf": [], "audio_s": 0.0, "errors": Counter()}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(session(url, utterances, voice, 24000, out) for _ in range(streams)))
+    wall = time.perf_counter() - t0
+    return {"streams": streams, "utterances": len(out["rtf"]),
+            "ttfa_p50_ms": round(1000 * pct(out["ttfa"], 0.5), 1), "ttfa_p95_ms": round(1000 * pct(out["ttfa"], 0.95), 1),
+            "rtf_p50": round(statistics.median(out["rtf"]), 3) if out["rtf"] else None,
+            "rtf_max": round(max(out["rtf"]), 3) if out["rtf"] else None,
+            "aggregate_audio_s_per_s": round(out["audio_s"] / wall, 3), "wall_s": round(wall, 2),
+            "errors": dict(out["errors"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (default: start one)")
+    ap.add_argument("--checkpoint", help="checkpoint for the server this script starts")
+    ap.add_argument("--tiny", action="store_true", help="start a server on the tiny test checkpoint")
+    ap.add_argument("--streams", default="1,2,4,8", help="comma list of concurrent session counts")
+    ap.add_argument("--utterances", type=int, default=2, help="utterances per session")
+    ap.add_argument("--voice", default=None)
+    ap.add_argument("--max-streams", type=int, default=None, help="server's max_streams (default: the largest level)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
+    args = ap.parse_args()
+    levels = [int(x) for x in args.streams.split(",") if x.strip()]
+    results = {"settings": {"streams": levels, "utterances": args.utterances, "text": TEXT,
+                            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}, "levels": []}
+
+    def run(url: str) -> None:
+        for n in levels:
+            results["levels"].append(asyncio.run(level(url, n, args.utterances, args.voice)))
+
+    if args.url:
+        results["settings"]["url"] = args.url
+        run(args.url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://"))
+    else:
+        from makima_tts.voices import VoiceLibrary
+        from tests.checkpoints import build_checkpoint, reference_clip
+        from tests.serverproc import ServerProcess
+
+        checkpoint = args.checkpoint or str(build_checkpoint(Path(args.cache) / ("tiny" if args.tiny else "full-0.6b-base"),
+                                                              tiny=args.tiny))
+        results["settings"]["checkpoint"] = checkpoint
+        with tempfile.TemporaryDirectory() as voices:
+            VoiceLibrary(voices).add("bench", reference_clip(3.0), 24000, name="Bench", transcript=REF_TEXT)
+            max_streams = args.max_streams or max(levels)
+            results["settings"]["max_streams"] = max_streams
+            with ServerProcess("--checkpoint", checkpoint, "--voices-dir", voices, "--default-voice", "bench",
+                               "--threads", str(args.threads), "--max-streams", str(max_streams),
+                               "--max-queue", str(4 * max(levels))) as server:
+                server.wait_ready(timeout=600)
+                run(server.ws_url)
+    results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    cols = ["streams", "utterances", "ttfa_p50_ms", "ttfa_p95_ms", "rtf_p50", "rtf_max", "aggregate_audio_s_per_s",
+            "errors"]
+    widths = [max(len(c), 8) + 2 for c in cols]
+    print("".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
+    for row in results["levels"]:
+        print("".join(f"{str(row[c]):>{w}}" for c, w in zip(cols, widths)))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
