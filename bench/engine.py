@@ -1,6 +1,7 @@
 """Engine benchmark: our streaming engine against the reference `qwen-tts`, same run, same checkpoint.
 
     python bench/engine.py [--checkpoint DIR] [--tiny] [--frames N] [--dtype float32|bfloat16] [--threads N]
+                           [--quantize none,int8,int8-dynamic] [--skip-reference]
 
 Builds (once, cached in --cache) a random-weight checkpoint with the real 0.6B-Base
 geometry unless --checkpoint is given. Each system runs in its own process (so
@@ -40,7 +41,7 @@ def run_ours(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = Qwen3Engine.load(args.checkpoint, dtype=args.dtype)
+    engine = Qwen3Engine.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     clip = reference_clip(3.0)
     t0 = time.perf_counter()
@@ -66,6 +67,7 @@ def run_ours(args) -> dict:
         decode_s_per_audio_s=round(stats["decode_s"] / audio_s, 3),
         ttfa_s=round(stats["ttfa_s"], 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
         prompt_s=round(prompt_s, 3), load_s=round(load_s, 2), peak_rss_mb=round(peak_rss_mb()),
+        quantize=engine.quantize,
     )
 
 
@@ -152,10 +154,10 @@ def run_reference(args) -> dict:
     )
 
 
-def child(system: str, args) -> dict:
+def child(system: str, args, quantize: str = "none") -> dict:
     cmd = [sys.executable, __file__, "--child", system, "--checkpoint", str(args.checkpoint), "--frames",
            str(args.frames), "--dtype", args.dtype, "--threads", str(args.threads),
-           "--first-chunk-frames", str(args.first_chunk_frames)]
+           "--first-chunk-frames", str(args.first_chunk_frames), "--quantize", quantize]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -173,6 +175,8 @@ def main() -> None:
     ap.add_argument("--first-chunk-frames", type=int, default=2)
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"), help="where built checkpoints are kept")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--quantize", "--quant", default="none",
+                    help="our engine's weights: none, int8, int8-dynamic; a comma list runs each (same run)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -188,21 +192,30 @@ def main() -> None:
         name = "tiny" if args.tiny else "full-0.6b-base"
         print(f"checkpoint: building/using {args.cache}/{name}", file=sys.stderr)
         args.checkpoint = str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))
+    variants = [q.strip() for q in args.quantize.split(",") if q.strip()] or ["none"]
     results = {"settings": {"checkpoint": args.checkpoint, "frames": args.frames, "dtype": args.dtype,
                             "threads": args.threads, "first_chunk_frames": args.first_chunk_frames,
                             "cpu": _cpu_name(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}}
     results["floors"] = child("floors", args)
-    results["ours"] = child("ours", args)
+    systems = []
+    for i, q in enumerate(variants):
+        name = "ours" if i == 0 else f"ours_{q}"
+        results[name] = child("ours", args, q)
+        systems.append(name)
     if not args.skip_reference:
         results["reference"] = child("reference", args)
     results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     fields = ["frame_ms", "talker_ms", "predictor_ms", "decode_s_per_audio_s", "ttfa_s", "rtf", "peak_rss_mb",
               "load_s"]
-    print(f"{'system':<10}" + "".join(f"{f:>22}" for f in fields))
-    for system in ("ours", "reference"):
+    fields = ["quantize"] + fields
+    print(f"{'system':<18}" + "".join(f"{f:>21}" for f in fields))
+    for system in systems + ["reference"]:
         if system in results:
             row = results[system]
-            print(f"{system:<10}" + "".join(f"{str(row.get(f, row.get('error', '-'))):>22}" for f in fields))
+            if "error" in row:
+                print(f"{system:<18} error: {row['error'][-1]}")
+                continue
+            print(f"{system:<18}" + "".join(f"{str(row.get(f, '-')):>21}" for f in fields))
     print("floors:", results["floors"])
     print(json.dumps(results))
 

@@ -69,8 +69,8 @@ def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: Vo
     in x-vector mode the first text token over codec_bos, the rest trailing.
     `role_ids` are the 3 tokens of "<|im_start|>assistant\\n", passed in `text_ids`' caller.
     """
-    dev = talker.codec_head.weight.device
-    dtype = talker.codec_head.weight.dtype
+    dev = talker.device
+    dtype = talker.dtype
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor([x], dtype=torch.long, device=dev)
@@ -128,7 +128,7 @@ class FrameGenerator:
         self.predictor_params = predictor_params
         self.generator = generator
         vocab = talker.codec_head.out_features
-        mask = torch.zeros(vocab, dtype=torch.bool, device=talker.codec_head.weight.device)
+        mask = torch.zeros(vocab, dtype=torch.bool, device=talker.device)
         mask[vocab - 1024:] = True                       # control ids are never generated ...
         mask[ids.codec_eos] = False                      # ... except EOS
         self.suppress = mask

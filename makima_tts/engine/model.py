@@ -289,6 +289,15 @@ class Talker(nn.Module):
     def hidden_size(self) -> int:
         return self.model.cfg.hidden_size
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.codec_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (embeddings and norms stay in it when the linear layers are int8)."""
+        return self.model.codec_embedding.weight.dtype
+
     def fuse(self) -> "Talker":
         """Fused q/k/v and gate/up projections in the talker and the code predictor (call after loading)."""
         self.model.fuse()

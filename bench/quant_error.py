@@ -1,0 +1,122 @@
+"""The error of int8 weights: greedy codes and waveforms of the quantized engine against float32.
+
+    python bench/quant_error.py [--checkpoint DIR] [--tiny] [--frames N] [--quantize int8[,int8-dynamic]]
+
+Same voice (computed once, by the float engine), same fixed texts, greedy decoding in both
+stages, N frames each (random weights never say EOS). For each text it reports:
+- first_divergence: the first frame whose 16 codes are not all identical (N when none is),
+- prefix_frac: first_divergence / N (the fraction of frames identical before the first divergence),
+- frames_identical: the fraction of frames identical at the same index (overall),
+- codes_identical / code0_identical: the same over single codes / codebook 0 only,
+- snr_db: the decoded waveform of the quantized codes against the float one (same codec, float32).
+Free-running greedy decoding: once one code differs the two continuations are different
+utterances, so everything after the first divergence mostly differs. With random weights the
+logits are nearly flat, so small perturbations flip argmaxes far more often than with trained
+weights: these figures are pessimistic. Prints a table, then one JSON object last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REF_TEXT = "Hello world. This is a test of the voice."
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Streaming speech synthesis sends each piece of audio as soon as it is ready.",
+    "Please call Stella and ask her to bring these things with her from the store.",
+    "In nineteen eighty-four, the city council voted seven to two for the new bridge.",
+    "Would you like a cup of tea, or shall we go for a walk before it gets dark?",
+]
+
+
+def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.sum((ref - test) ** 2))
+    return float("inf") if noise == 0 else round(10 * np.log10(float(np.sum(ref ** 2)) / noise), 2)
+
+
+def run(engine, voice, frames: int) -> list[tuple]:
+    import torch
+
+    from makima_tts.engine.types import GenerationSettings
+
+    out = []
+    for text in TEXTS:
+        settings = GenerationSettings.greedy_settings(max_frames=frames)
+        t0 = time.perf_counter()
+        codes = torch.stack(list(engine.frames(text, voice, "english", settings)))
+        gen_s = time.perf_counter() - t0
+        out.append((codes, engine.codec.decode(codes), gen_s))
+    return out
+
+
+def compare(ref: list[tuple], test: list[tuple]) -> list[dict]:
+    rows = []
+    for text, (c_ref, w_ref, _), (c_q, w_q, gen_s) in zip(TEXTS, ref, test):
+        n = c_ref.shape[0]
+        same_frame = (c_ref == c_q).all(dim=1)
+        first = int((~same_frame).nonzero()[0, 0]) if not bool(same_frame.all()) else n
+        rows.append(dict(text=text[:32], frames=n, first_divergence=first, prefix_frac=round(first / n, 3),
+                         frames_identical=round(float(same_frame.float().mean()), 3),
+                         codes_identical=round(float((c_ref == c_q).float().mean()), 3),
+                         code0_identical=round(float((c_ref[:, 0] == c_q[:, 0]).float().mean()), 3),
+                         snr_db=snr_db(w_ref, w_q), gen_s=round(gen_s, 2)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--frames", type=int, default=40)
+    ap.add_argument("--quantize", default="int8", help="comma list: int8, int8-dynamic")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
+    args = ap.parse_args()
+
+    import torch
+
+    from makima_tts.engine.qwen3 import Qwen3Engine
+    from tests.checkpoints import build_checkpoint, reference_clip
+
+    torch.set_num_threads(args.threads)
+    if not args.checkpoint:
+        name = "tiny" if args.tiny else "full-0.6b-base"
+        args.checkpoint = str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))
+    engine = Qwen3Engine.load(args.checkpoint)
+    voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
+    ref = run(engine, voice, args.frames)
+    del engine
+    gc.collect()
+    results: dict = {"settings": dict(checkpoint=args.checkpoint, frames=args.frames, threads=args.threads,
+                                      texts=len(TEXTS))}
+    for q in [x.strip() for x in args.quantize.split(",") if x.strip()]:
+        engine = Qwen3Engine.load(args.checkpoint, quantize=q)
+        rows = compare(ref, run(engine, voice, args.frames))
+        method = engine.quantize
+        del engine
+        gc.collect()
+        summary = {k: round(float(np.mean([r[k] for r in rows])), 3)
+                   for k in ("prefix_frac", "frames_identical", "codes_identical", "code0_identical")}
+        summary["snr_db_median"] = float(np.median([r["snr_db"] for r in rows]))
+        results[q] = dict(method=method, summary=summary, texts=rows)
+        print(f"== {q} ({method})")
+        keys = ["first_divergence", "prefix_frac", "frames_identical", "codes_identical", "code0_identical", "snr_db"]
+        print(f"{'text':<34}" + "".join(f"{k:>18}" for k in keys))
+        for r in rows:
+            print(f"{r['text']:<34}" + "".join(f"{str(r[k]):>18}" for k in keys))
+        print(f"{'mean (snr: median)':<34}{'':>18}" + "".join(f"{str(summary[k]):>18}" for k in keys[1:5])
+              + f"{summary['snr_db_median']:>18}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

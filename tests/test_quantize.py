@@ -1,0 +1,113 @@
+"""Opt-in int8 weights (Qwen3Engine.load(..., quantize=...)) on the tiny checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from makima_tts.engine import quant
+from makima_tts.engine.qwen3 import Qwen3Engine
+from makima_tts.engine.types import GenerationSettings
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+FRAMES = 24
+# Bounds measured on the tiny checkpoint (random weights, nearly flat logits, so argmaxes flip easily;
+# once one code differs, free-running greedy continuations are different utterances):
+# - logits of the talker / code predictor vs float32: relative L2 error 0.030 / 0.052 ("int8"),
+#   0.101 / 0.110 ("int8-dynamic", which also rounds the activations to 8 bits);
+# - greedy codes on TEXT: first divergence at frame 2 ("int8"), 0 ("int8-dynamic"; codebook 0 of
+#   frame 0 still agrees).
+MAX_LOGIT_REL_ERR = {"int8": 0.06, "int8-dynamic": 0.2}
+MIN_IDENTICAL_FRAMES = {"int8": 1, "int8-dynamic": 0}
+
+
+def greedy(frames: int = FRAMES) -> GenerationSettings:
+    return GenerationSettings.greedy_settings(max_frames=frames)
+
+
+@pytest.fixture(scope="module", params=["int8", "int8-dynamic"])
+def qengine(request, tiny_checkpoint):
+    return Qwen3Engine.load(tiny_checkpoint, quantize=request.param)
+
+
+def linear_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of float linear weights, bytes of int8 weights) under module."""
+    f = q = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            f += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, quant.Int8Linear):
+            q += m.qweight.numel() + m.scales.numel() * 4
+        elif type(m).__name__ == "Linear" and hasattr(m, "_packed_params"):      # torch dynamic int8
+            w, _ = m._packed_params._weight_bias()
+            q += w.numel()
+    return f, q
+
+
+def test_weights_are_int8_and_smaller(engine, qengine):
+    f_float, q_float = linear_bytes(engine.talker.model.layers)
+    f_q, q_q = linear_bytes(qengine.talker.model.layers)
+    assert q_float == 0 and f_q == 0 and q_q > 0
+    assert q_q < 0.3 * f_float                       # int8 + a float32 scale per 32 weights vs float32
+    f_cp, q_cp = linear_bytes(qengine.talker.code_predictor)
+    assert f_cp == 0 and q_cp > 0
+    if qengine.quantize == "int8":
+        layer = qengine.talker.model.layers[0].mlp.down_proj
+        assert isinstance(layer, quant.Int8Linear) and layer.qweight.dtype == torch.int8
+
+
+def test_quantized_engine_streams_audio(qengine, voice):
+    chunks = list(qengine.stream(TEXT, voice, "english", greedy(10)))
+    pcm = np.concatenate([c.pcm for c in chunks])
+    assert chunks[-1].is_last and len(pcm) == 10 * 1920
+    assert np.isfinite(pcm).all() and np.abs(pcm).max() > 0.01
+
+
+def test_logits_close_to_float(engine, qengine):
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, engine.talker.hidden_size) * 0.05
+
+    def run(e):
+        t, cp = e.talker, e.talker.code_predictor
+        with torch.inference_mode():
+            logits, hidden = t(x, 0, t.model.new_cache(1, 32))
+            first = torch.cat([hidden, t.embed_codec(logits.argmax(-1)[:, None])], dim=1)
+            return logits, cp.logits(first, 0, 1, cp.model.new_cache(1, 17))
+
+    for ref, ours in zip(run(engine), run(qengine)):
+        assert float((ours - ref).norm() / ref.norm()) < MAX_LOGIT_REL_ERR[qengine.quantize]
+        assert int(ours.argmax()) == int(ref.argmax())
+
+
+def test_codes_agree_with_float(engine, qengine, voice):
+    ref = torch.stack(list(engine.frames(TEXT, voice, "english", greedy())))
+    ours = torch.stack(list(qengine.frames(TEXT, voice, "english", greedy())))
+    assert ours.shape == ref.shape == (FRAMES, 16)
+    same = (ref == ours).all(dim=1)
+    prefix = FRAMES if bool(same.all()) else int((~same).nonzero()[0, 0])
+    assert prefix >= MIN_IDENTICAL_FRAMES[qengine.quantize], f"first divergence at frame {prefix}"
+    assert int(ours[0, 0]) == int(ref[0, 0])
+
+
+@torch.no_grad()
+def test_int8_kernel_matches_its_dequantized_weights():
+    if quant.kernel() is None:
+        pytest.skip(f"int8 kernel not built here: {quant.kernel_error()}")
+    torch.manual_seed(0)
+    for k in (64, 1024):                             # the plain path, and the 512-group (VNNI) path
+        lin = nn.Linear(k, 96, bias=True)
+        q = quant.Int8Linear(lin)
+        for m in (1, 3, 7):
+            x = torch.randn(m, k)
+            exact = nn.functional.linear(x, q.dequantized(), lin.bias)
+            torch.testing.assert_close(q(x), exact, rtol=1e-3, atol=1e-3 * float(exact.abs().max()))
+            err = float((q(x) - lin(x)).norm() / lin(x).norm())
+            assert err < 0.01                       # weight rounding alone: ~0.4 % for Gaussian weights
+
+
+def test_quantize_is_refused_off_float32(tiny_checkpoint):
+    with pytest.raises(ValueError):
+        Qwen3Engine.load(tiny_checkpoint, quantize="int4")
+    with pytest.raises(ValueError):
+        Qwen3Engine.load(tiny_checkpoint, dtype="bfloat16", quantize="int8")
