@@ -14,6 +14,7 @@ _FLAGS = [
     ("--checkpoint", "checkpoint", str, "Qwen3-TTS checkpoint folder or Hugging Face repo id"),
     ("--device", "device", str, "cpu or cuda"),
     ("--dtype", "dtype", str, "float32, bfloat16 or float16"),
+    ("--quantize", "quantize", str, "Qwen3 weights: none (default), int8 or int8-dynamic"),
     ("--threads", "threads", int, "CPU threads for the engine"),
     ("--piper-voice", "piper_voice", str, "embedded engine voice (default joe)"),
     ("--voices-dir", "voices_dir", str, "the voice library folder"),

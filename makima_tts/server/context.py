@@ -141,7 +141,9 @@ class ServerContext:
     def _load_qwen3(self):
         from ..engine.qwen3 import Qwen3Engine
 
-        return Qwen3Engine.load(self.settings.checkpoint, device=self.settings.device, dtype=self.settings.dtype)
+        s = self.settings
+        return Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype,
+                                quantize=None if s.quantize == "none" else s.quantize)
 
     def _load_piper(self):
         from ..engine.piper import PiperEngine

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     checkpoint: Optional[str] = None          # folder or Hugging Face repo id (Qwen3-TTS)
     device: str = "cpu"
     dtype: str = "float32"
+    quantize: Literal["none", "int8", "int8-dynamic"] = "none"   # Qwen3 weights (int8: CPU, smaller, faster)
     threads: Optional[int] = None
     piper_voice: str = "joe"
     lazy_load: bool = False                   # load the model on first request instead of at start-up
