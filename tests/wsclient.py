@@ -31,15 +31,7 @@ class Client:
 
     def until(self, type_: str, id: Optional[str] = None, timeout: float = 120.0) -> tuple[list, bytes]:
         """Messages up to and including the first of `type_` (with `id`); and the audio bytes seen."""
-        seen, audio = [], bytearray()
-        while True:
-            m = self.recv(timeout)
-            if isinstance(m, bytes):
-                audio += m
-                continue
-            seen.append(m)
-            if m["type"] == type_ and (id is None or m.get("id") == id):
-                return seen, bytes(audio)
+        return self.until_one_of((type_,), id, timeout, exact=True)
 
     def utterance(self, text: str, id: str = "x", **kw) -> tuple[dict, bytes]:
         """speak, then (audio_end, audio bytes); raises on an error message."""
@@ -50,7 +42,9 @@ class Client:
             raise AssertionError(f"error from the server: {end}")
         return end, audio
 
-    def until_one_of(self, types: tuple, id: Optional[str] = None, timeout: float = 120.0):
+    def until_one_of(self, types: tuple, id: Optional[str] = None, timeout: float = 120.0, exact: bool = False):
+        """Like `until`, for any of `types`; unless `exact`, a message without an id also matches."""
+        ids = (id,) if exact else (id, None)
         seen, audio = [], bytearray()
         while True:
             m = self.recv(timeout)
@@ -58,7 +52,7 @@ class Client:
                 audio += m
                 continue
             seen.append(m)
-            if m["type"] in types and (id is None or m.get("id") in (id, None)):
+            if m["type"] in types and (id is None or m.get("id") in ids):
                 return seen, bytes(audio)
 
     def close(self) -> None:

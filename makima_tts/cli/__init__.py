@@ -27,8 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import MakimaError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except MakimaError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,16 +44,7 @@ def _clip():
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import MakimaError
-
-    try:
-        return _run(args)
-    except MakimaError as exc:
-        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Errors (MakimaError) are reported by the dispatcher as `error [CODE]: message`, exit 2."""
     import torch
 
     from ..audio import read_audio
