@@ -49,7 +49,9 @@ def run_ours(args) -> dict:
     prompt_s = time.perf_counter() - t0
     settings = GenerationSettings(talker=SamplingParams(repetition_penalty=1.05), predictor=SamplingParams(),
                                   seed=1, max_frames=args.frames, first_chunk_frames=args.first_chunk_frames)
-    list(engine.stream("Warm up.", voice, "english", GenerationSettings(max_frames=2, seed=0)))
+    # Warm up to the steady state: the first pass over freshly loaded (or quantized) weights runs
+    # several times slower here (page faults of a VM's memory), and would swamp a short run.
+    list(engine.stream(TEXT, voice, "english", GenerationSettings(max_frames=args.warmup_frames, seed=0)))
     stats: dict = {}
     samples = 0
     t0 = time.perf_counter()
@@ -133,7 +135,8 @@ def run_reference(args) -> dict:
         finally:
             timers["decode_s"] += time.perf_counter() - t
 
-    model.generate_voice_clone(text="Warm up.", language="English", voice_clone_prompt=items, max_new_tokens=3)
+    model.generate_voice_clone(text=TEXT, language="English", voice_clone_prompt=items,
+                               max_new_tokens=args.warmup_frames + 1, eos_token_id=3071)
     predictor.generate, model.model.speech_tokenizer.decode = timed_generate, timed_decode
     t0 = time.perf_counter()
     wavs, sr = model.generate_voice_clone(text=TEXT, language="English", voice_clone_prompt=items,
@@ -157,7 +160,8 @@ def run_reference(args) -> dict:
 def child(system: str, args, quantize: str = "none") -> dict:
     cmd = [sys.executable, __file__, "--child", system, "--checkpoint", str(args.checkpoint), "--frames",
            str(args.frames), "--dtype", args.dtype, "--threads", str(args.threads),
-           "--first-chunk-frames", str(args.first_chunk_frames), "--quantize", quantize]
+           "--first-chunk-frames", str(args.first_chunk_frames), "--quantize", quantize,
+           "--warmup-frames", str(args.warmup_frames)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -173,6 +177,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--first-chunk-frames", type=int, default=2)
+    ap.add_argument("--warmup-frames", type=int, default=12, help="frames generated once before timing")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"), help="where built checkpoints are kept")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--quantize", "--quant", default="none",

@@ -8,7 +8,10 @@ stages, N frames each (random weights never say EOS). For each text it reports:
 - prefix_frac: first_divergence / N (the fraction of frames identical before the first divergence),
 - frames_identical: the fraction of frames identical at the same index (overall),
 - codes_identical / code0_identical: the same over single codes / codebook 0 only,
-- snr_db: the decoded waveform of the quantized codes against the float one (same codec, float32).
+- snr_db: the decoded waveform of the quantized codes against the float one (same codec, float32),
+- tf_code0 / tf_codes_1_15 / tf_all: teacher-forced agreement: the quantized model is fed the float
+  model's codes and each of its greedy decisions is compared with the float one, so one flip does
+  not derail the rest (the per-decision flip rate). A float engine scores 1.0 here by construction.
 Free-running greedy decoding: once one code differs the two continuations are different
 utterances, so everything after the first divergence mostly differs. With random weights the
 logits are nearly flat, so small perturbations flip argmaxes far more often than with trained
@@ -58,6 +61,47 @@ def run(engine, voice, frames: int) -> list[tuple]:
     return out
 
 
+def teacher_forced(engine, voice, codes) -> list[dict]:
+    """Feed the float model's codes to `engine` and count how often its greedy choice equals them:
+    every decision (codebook 0 and 1..15 of each frame) on the same history, so one flip does not
+    derail the rest. Returns, per text, the agreement of codebook 0, of codebooks 1..15, and of all."""
+    import torch
+
+    from makima_tts.engine.generate import FrameGenerator, build_prompt
+    from makima_tts.engine.qwen3 import _chat, _ref_chat
+    from makima_tts.engine.types import GenerationSettings
+
+    g = GenerationSettings.greedy_settings()
+    rows = []
+    with torch.inference_mode():
+        for text, (ref, _, _) in zip(TEXTS, codes):
+            text_ids = engine.tokenizer.encode(_chat(text))
+            ref_ids = engine.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2]
+            prompt = build_prompt(engine.talker, engine.ids, text_ids[:-5], voice, engine.ids.languages["english"],
+                                  ref_ids)
+            gen = FrameGenerator(engine.talker, engine.ids, g.talker, g.predictor)
+            state = gen.prefill(prompt, ref.shape[0])
+            cp = engine.talker.code_predictor
+            hits0 = hits = 0
+            for n in range(ref.shape[0]):
+                frame = ref[n]
+                hits0 += int(state.code0) == int(frame[0])
+                embeds = torch.cat([state.hidden, engine.talker.embed_codec(frame[None, :1])], dim=1)
+                start = 0
+                for group in range(1, engine.talker.num_groups):
+                    logits = cp.logits(embeds, start, group, gen.predictor_cache)
+                    hits += int(logits.argmax(-1)) == int(frame[group])
+                    start += embeds.shape[1]
+                    embeds = cp.model.codec_embedding[group - 1](frame[None, group:group + 1])
+                state.history = [int(c) for c in ref[:n + 1, 0]]
+                state.code0 = frame[:1]
+                state = gen.advance(state, frame[None])
+            n = ref.shape[0]
+            rows.append(dict(tf_code0=round(hits0 / n, 3), tf_codes_1_15=round(hits / (15 * n), 3),
+                             tf_all=round((hits0 + hits) / (16 * n), 3)))
+    return rows
+
+
 def compare(ref: list[tuple], test: list[tuple]) -> list[dict]:
     rows = []
     for text, (c_ref, w_ref, _), (c_q, w_q, gen_s) in zip(TEXTS, ref, test):
@@ -77,7 +121,7 @@ def main() -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--quantize", default="int8", help="comma list: int8, int8-dynamic")
+    ap.add_argument("--quantize", default="int8", help="comma list: none (a sanity check), int8, int8-a8, int8-dynamic")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
     args = ap.parse_args()
@@ -101,20 +145,24 @@ def main() -> None:
     for q in [x.strip() for x in args.quantize.split(",") if x.strip()]:
         engine = Qwen3Engine.load(args.checkpoint, quantize=q)
         rows = compare(ref, run(engine, voice, args.frames))
+        for r, tf in zip(rows, teacher_forced(engine, voice, ref)):
+            r.update(tf)
         method = engine.quantize
         del engine
         gc.collect()
         summary = {k: round(float(np.mean([r[k] for r in rows])), 3)
-                   for k in ("prefix_frac", "frames_identical", "codes_identical", "code0_identical")}
+                   for k in ("prefix_frac", "frames_identical", "codes_identical", "code0_identical", "tf_code0",
+                             "tf_codes_1_15", "tf_all")}
         summary["snr_db_median"] = float(np.median([r["snr_db"] for r in rows]))
         results[q] = dict(method=method, summary=summary, texts=rows)
         print(f"== {q} ({method})")
-        keys = ["first_divergence", "prefix_frac", "frames_identical", "codes_identical", "code0_identical", "snr_db"]
-        print(f"{'text':<34}" + "".join(f"{k:>18}" for k in keys))
+        keys = ["first_divergence", "prefix_frac", "frames_identical", "codes_identical", "code0_identical",
+                "snr_db", "tf_code0", "tf_codes_1_15", "tf_all"]
+        print(f"{'text':<34}" + "".join(f"{k:>17}" for k in keys))
         for r in rows:
-            print(f"{r['text']:<34}" + "".join(f"{str(r[k]):>18}" for k in keys))
-        print(f"{'mean (snr: median)':<34}{'':>18}" + "".join(f"{str(summary[k]):>18}" for k in keys[1:5])
-              + f"{summary['snr_db_median']:>18}")
+            print(f"{r['text']:<34}" + "".join(f"{str(r[k]):>17}" for k in keys))
+        print(f"{'mean (snr: median)':<34}{'':>17}" + "".join(f"{str(summary[k]):>17}" for k in keys[1:5])
+              + f"{summary['snr_db_median']:>17}" + "".join(f"{str(summary[k]):>17}" for k in keys[6:]))
     print(json.dumps(results))
 
 

@@ -29,62 +29,125 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32          # weights per scale
 GROUP = 512         # the kernel's fast path: in_features a multiple of 512 (else a plain C++ loop)
+PREFILL_ROWS = 8    # more activation rows than this: dequantize and use torch's float matrix product
 QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 _CPP = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 // out (M, N) = x (M, K) . dequant(w, s)^T with w (N, K) int8 and s (N, K / 32) float32, one scale per
-// block of 32 consecutive weights of a row; K % 512 == 0. Within each group of 512 weights (16 blocks)
-// w is stored permuted: position (j * 16 + i) * 2 + p holds weight 32 * i + 2 * j + p of the group,
-// so that one 32-lane int16 multiply-add (vpdpwssd) adds two products of each of the 16 blocks, in
-// lane i, and 16 of them complete every block's dot product; then one convert and one fused
-// multiply-add with the 16 block scales. The activations are rounded to int16 (one scale per row,
-// relative error ~1e-5, far below the weights' rounding).
+// block of 32 consecutive weights of a row.
+//
+// Fast path (AVX-512 VNNI, K % 512 == 0, a few activation rows): within each group of 512 weights
+// (16 blocks) w is stored permuted so that lane i of a 16-lane int32 multiply-add accumulates block
+// i: position (j * 16 + i) * P + p holds weight 32 * i + P * j + p of the group, P = 2: the
+// activations are rounded to int16 with one scale per row (relative error ~1e-5, so the error is the
+// weights' rounding alone) and one vpdpwssd adds two products of each of the 16 blocks; 16 of them
+// complete a group. Then one convert and one fused multiply-add with the 16 block scales per group.
+// Other shapes (prefill, small models, no VNNI): each weight row dequantized once into an L1 buffer and
+// dotted with every float32 activation row (exact activations).
 
-// K % 512 != 0 (small models): no permutation, and only the general path below.
-static inline int64_t perm(int64_t k, int64_t K) {  // natural index -> stored index
+static inline int64_t perm(int64_t k, int64_t K, int64_t P) {   // natural index -> stored index
     if (K % 512) return k;
-    int64_t g = k / 512, r = k % 512, i = r / 32, t = r % 32, j = t / 2, p = t % 2;
-    return g * 512 + (j * 16 + i) * 2 + p;
+    int64_t g = k / 512, r = k % 512, i = r / 32, t = r % 32, j = t / P, p = t % P;
+    return g * 512 + (j * 16 + i) * P + p;
 }
 
-torch::Tensor permute_k(torch::Tensor w) {         // (N, K) natural -> stored order (any dtype)
-    auto out = torch::empty_like(w);
+static inline int64_t block_of_stored(int64_t k, int64_t K, int64_t P) {
+    if (K % 512) return k / 32;
+    return (k / 512) * 16 + (k % (16 * P)) / P;
+}
+
+torch::Tensor permute_k(torch::Tensor w, int64_t P) {          // (N, K) natural -> stored order
     const int64_t K = w.size(1);
     auto idx = torch::empty({K}, torch::kLong);
     auto ip = idx.data_ptr<int64_t>();
-    for (int64_t k = 0; k < K; ++k) ip[perm(k, K)] = k;
+    for (int64_t k = 0; k < K; ++k) ip[perm(k, K, P)] = k;
     return w.index_select(1, idx).contiguous();
+}
+
+static void general(const float* xp, const int8_t* wp, const float* sp, float* op, int64_t M, int64_t N,
+                    int64_t K, int64_t P) {
+    const int64_t nb = K / 32;
+    std::vector<float> xperm(M * K);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xperm[m * K + perm(k, K, P)] = xp[m * K + k];
+    std::vector<int64_t> blk(K);
+    for (int64_t k = 0; k < K; ++k) blk[k] = block_of_stored(k, K, P);
+    const float* xq = xperm.data();
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+        std::vector<float> buf(K);
+        float* bp = buf.data();
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t* wr = wp + n * K;
+            const float* sr = sp + n * nb;
+            for (int64_t k = 0; k < K; ++k) bp[k] = float(wr[k]) * sr[blk[k]];
+            for (int64_t m = 0; m < M; ++m) {
+                const float* xr = xq + m * K;
+                float acc[16] = {0};
+                for (int64_t k = 0; k < K; k += 16)
+                    for (int l = 0; l < 16; ++l) acc[l] += bp[k + l] * xr[k + l];
+                float t = 0.f;
+                for (int l = 0; l < 16; ++l) t += acc[l];
+                op[m * N + n] = t;
+            }
+        }
+    });
+}
+
+torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P) {  // -> float32 (N, K), natural order
+    const int64_t N = w.size(0), K = w.size(1), nb = K / 32;
+    auto out = torch::empty({N, K}, torch::kFloat32);
+    const int8_t* wp = w.data_ptr<int8_t>();
+    const float* sp = s.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    std::vector<int64_t> src(K);
+    for (int64_t k = 0; k < K; ++k) src[k] = perm(k, K, P);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+            for (int64_t k = 0; k < K; ++k) op[n * K + k] = float(wp[n * K + src[k]]) * sp[n * nb + k / 32];
+    });
+    return out;
 }
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kInt8 && s.dtype() == torch::kFloat32);
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous() && s.is_contiguous());
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32;
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32, P = 2;
     TORCH_CHECK(w.size(1) == K && K % 32 == 0 && s.size(0) == N && s.size(1) == nb);
-    const bool permuted = K % 512 == 0;
     auto out = torch::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
     const int8_t* wp = w.data_ptr<int8_t>();
     const float* sp = s.data_ptr<float>();
     float* op = out.data_ptr<float>();
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (M <= 4 && permuted) {
-        // activations -> int16 in stored order, one scale per row
-        std::vector<int16_t> xq(M * K);
+    if (M <= 4 && K % 512 == 0) {
+        // activations -> int16 (one scale per row), then pairs moved to the stored order: the 16 x 16
+        // int32 transpose (block i, pair j) -> (pair j, block i) within each group of 512
+        std::vector<int16_t> xn(K), xq(M * K);
         std::vector<float> xs(M);
+        const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
         for (int64_t m = 0; m < M; ++m) {
             const float* xr = xp + m * K;
-            float amax = 0.f;
-            for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-            const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
+            __m512 mx = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xr + k), absmask));
+            const float amax = _mm512_reduce_max_ps(mx);
+            const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+            const __m512 inv = _mm512_set1_ps(1.f / scale);
             xs[m] = scale;
-            for (int64_t k = 0; k < K; ++k) xq[m * K + perm(k, K)] = (int16_t)std::nearbyint(xr[k] * inv);
+            for (int64_t k = 0; k < K; k += 16)      // round to nearest even, as nearbyint
+                _mm256_storeu_si256((__m256i*)(xn.data() + k),
+                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
+            const int32_t* src = (const int32_t*)xn.data();
+            int32_t* dst = (int32_t*)(xq.data() + m * K);
+            for (int64_t g = 0; g < K / 2; g += 256)
+                for (int i = 0; i < 16; ++i)
+                    for (int j = 0; j < 16; ++j) dst[g + j * 16 + i] = src[g + i * 16 + j];
         }
         const int16_t* xqp = xq.data();
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -112,30 +175,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
         return out;
     }
 #endif
-    // General path (prefill, or no AVX-512 VNNI): activations in stored order, then each weight row
-    // dequantized once into a buffer that stays in L1 and dotted with every activation row.
-    std::vector<float> xperm(M * K);
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) xperm[m * K + perm(k, K)] = xp[m * K + k];
-    const float* xq = xperm.data();
-    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-        std::vector<float> buf(K);
-        float* bp = buf.data();
-        for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* wr = wp + n * K;
-            const float* sr = sp + n * nb;
-            for (int64_t k = 0; k < K; ++k) bp[k] = float(wr[k]) * sr[permuted ? (k / 512) * 16 + (k % 32) / 2 : k / 32];
-            for (int64_t m = 0; m < M; ++m) {
-                const float* xr = xq + m * K;
-                float acc[16] = {0};
-                for (int64_t k = 0; k < K; k += 16)
-                    for (int l = 0; l < 16; ++l) acc[l] += bp[k + l] * xr[k + l];
-                float t = 0.f;
-                for (int l = 0; l < 16; ++l) t += acc[l];
-                op[m * N + n] = t;
-            }
-        }
-    });
+    general(xp, wp, sp, op, M, N, K, P);
     return out;
 }
 """
@@ -153,7 +193,7 @@ def kernel():
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                _ext = load_inline(name="makima_int8_linear_v4", cpp_sources=_CPP, functions=["int8_linear", "permute_k"],
+                _ext = load_inline(name="makima_int8_linear_v8", cpp_sources=_CPP, functions=["int8_linear", "permute_k", "dequantize"],
                                    extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
@@ -175,32 +215,37 @@ def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights in blocks of 32 (float32 scales) and float32 activations.
+    """nn.Linear with int8 weights in blocks of 32 (float32 scales); float32 in and out.
 
-    `qweight` is stored in the kernel's order (permuted within groups of 512 inputs); `dequantized()`
-    gives the float weight in the natural order."""
+    The kernel rounds the activations to int16 (one scale per row), so the error is the weights'
+    rounding alone. `qweight` is stored in the kernel's order (permuted within groups of 512
+    inputs); `dequantized()` gives the float weight in natural order."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, s = quantize_blocks(linear.weight)
         ext = kernel()
-        self.register_buffer("qweight", ext.permute_k(q))
+        pack = 2
+        self.register_buffer("qweight", ext.permute_k(q, pack))
         self.register_buffer("scales", s)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self._op = ext.int8_linear
-        self._order = torch.argsort(ext.permute_k(torch.arange(self.in_features)[None])[0])
+        self._op, self._dequantize, self._pack = ext.int8_linear, ext.dequantize, pack
 
     def dequantized(self) -> torch.Tensor:
-        n, k = self.qweight.shape
-        q = self.qweight[:, self._order]
-        return (q.float().reshape(n, -1, BLOCK) * self.scales[..., None]).reshape(n, k)
+        """The float32 weight (out_features, in_features) these int8 values and scales stand for."""
+        return self._dequantize(self.qweight, self.scales, self._pack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = self._op(x.reshape(-1, shape[-1]).float().contiguous(), self.qweight, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        if x2.shape[0] > PREFILL_ROWS:
+            # many rows (prefill): compute-bound, so dequantize once and use the float matrix product
+            out = F.linear(x2, self.dequantized(), self.bias)
+        else:
+            out = self._op(x2, self.qweight, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
         return out.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -104,9 +104,10 @@ class Qwen3Engine:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
              quantize: Optional[str] = None) -> "Qwen3Engine":
-        """`quantize`: None / "none" (default: weights in `dtype`), "int8" (int8 weights in blocks of 32 for
-        the talker's and the code predictor's linear layers, float32 activations; CPU) or "int8-dynamic"
-        (torch's dynamic quantization). See makima_tts/engine/quant.py."""
+        """`quantize`: None / "none" (default: weights in `dtype`), or int8 weights for the talker's and
+        the code predictor's linear layers (CPU, float32): "int8" (blocks of 32, our kernel; activations
+        kept to 16 bits) or "int8-dynamic" (torch's dynamic quantization: faster, activations rounded
+        to 8 bits, more error). See makima_tts/engine/quant.py and bench/RESULTS.md."""
         from .quant import QUANTIZE_CHOICES, quantize_linear, quantize_module
 
         quantize = (quantize or "none").lower()
