@@ -397,6 +397,8 @@ class BatchedEngine:
         Chunks and samples are those of Qwen3Engine.stream for the same frames."""
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
+        if not isinstance(voice, VoicePrompt):
+            raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
         settings = settings or self.engine.defaults
         stats = stats if stats is not None else {}
         stats.setdefault("decode_s", 0.0)
