@@ -377,3 +377,32 @@ def test_more_sessions_than_streams_all_complete(server):
         t.join(300)
     assert not errors and sorted(i for i, _ in done) == [f"s{i}" for i in range(6)]
     assert all(n > 0 for _, n in done)
+
+
+def test_batched_server_serves_concurrent_sessions(tiny_checkpoint, voices_dir):
+    """--batch: one scheduler steps the streams together; every session gets its whole utterance,
+    and a greedy-seeded utterance is the same alone and among others."""
+    import threading
+
+    with ServerProcess("--checkpoint", str(tiny_checkpoint), "--voices-dir", str(voices_dir), "--batch",
+                       "--max-streams", "4", "--default-voice", "tester") as s:
+        assert s.wait_ready()["batched"] is True
+
+        def speak(text, out):
+            with Client(s.ws_url) as c:
+                c.recv_json()
+                c.send(type="start", sampling={"seed": 5})
+                c.recv_json()
+                out.append(c.utterance(text)[1])
+
+        alone: list = []
+        speak("Hello world.", alone)
+        together: list = [[] for _ in range(4)]
+        threads = [threading.Thread(target=speak, args=(t, together[i]))
+                   for i, t in enumerate(["Hello world.", "Another text here.", "A third one.", "Four."])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert all(len(o) == 1 and len(o[0]) > 0 for o in together)
+        assert together[0][0] == alone[0]

@@ -37,6 +37,8 @@ def register(sub) -> None:
     for flag, _, typ, help_ in _FLAGS:
         p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--lazy-load", action="store_true", default=None, help="load the model on the first request")
+    p.add_argument("--batch", action="store_true", default=None,
+                   help="Qwen3: step up to --max-streams concurrent streams together (one batched model step)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require this API key (repeatable; env MAKIMA_TTS_API_KEYS as a JSON list)")
     p.set_defaults(func=run)
@@ -49,6 +51,8 @@ def settings_from_args(args: argparse.Namespace):
     given = {k: v for k, v in given.items() if v is not None}
     if args.lazy_load:
         given["lazy_load"] = True
+    if args.batch:
+        given["batch"] = True
     if args.api_key:
         given["api_keys"] = args.api_key
     return Settings(**given)

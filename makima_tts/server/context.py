@@ -142,8 +142,13 @@ class ServerContext:
         from ..engine.qwen3 import Qwen3Engine
 
         s = self.settings
-        return Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype,
-                                quantize=None if s.quantize == "none" else s.quantize)
+        engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype,
+                                  quantize=None if s.quantize == "none" else s.quantize)
+        if s.batch:
+            from ..engine.batch import BatchedEngine
+
+            return BatchedEngine(engine, max_batch=s.max_streams)
+        return engine
 
     def _load_piper(self):
         from ..engine.piper import PiperEngine
@@ -165,6 +170,7 @@ class ServerContext:
         if self.engine is not None:
             out.update(engine=self.engine.name, model=str(self.engine.model_id), reason=self.engine_reason,
                        sample_rate=self.engine.sample_rate, cloning=self.engine.supports_cloning,
+                       batched=bool(self.settings.batch and self.engine.supports_cloning),
                        default_voice=self.default_voice_info())
         elif self.state == "failed":
             out["reason"] = self.load_error
@@ -282,4 +288,6 @@ class ServerContext:
             return self.prompts.get(GENERATED_VOICE)
 
     def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

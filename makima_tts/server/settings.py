@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     dtype: str = "float32"
     quantize: Literal["none", "int8", "int8-dynamic"] = "none"   # Qwen3 weights (int8: CPU, smaller, faster)
     threads: Optional[int] = None
+    batch: bool = False                       # Qwen3: step concurrent streams together (BatchedEngine)
     piper_voice: str = "joe"
     lazy_load: bool = False                   # load the model on first request instead of at start-up
     voices_dir: Path = Field(default_factory=default_voices_dir)
