@@ -95,8 +95,8 @@ def test_int8_kernel_matches_its_dequantized_weights():
     if quant.kernel() is None:
         pytest.skip(f"int8 kernel not built here: {quant.kernel_error()}")
     torch.manual_seed(0)
-    for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 7, 20)]:
-        # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path for m <= 4; m=20: prefill (float mm)
+    for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 7, 16, 20)]:
+        # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path for m <= 16; m=20: prefill (float mm)
         lin = nn.Linear(k, 96, bias=True)
         q = quant.Int8Linear(lin)
         x = torch.randn(m, k)

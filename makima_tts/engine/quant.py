@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32          # weights per scale
 GROUP = 512         # the kernel's fast path: in_features a multiple of 512 (else a plain C++ loop)
-PREFILL_ROWS = 8    # more activation rows than this: dequantize and use torch's float matrix product
+PREFILL_ROWS = 16   # more activation rows than this (prefill): dequantize and use torch's float matrix product
 QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 _CPP = r"""
@@ -43,7 +43,7 @@ _CPP = r"""
 // out (M, N) = x (M, K) . dequant(w, s)^T with w (N, K) int8 and s (N, K / 32) float32, one scale per
 // block of 32 consecutive weights of a row.
 //
-// Fast path (AVX-512 VNNI, K % 512 == 0, a few activation rows): within each group of 512 weights
+// Fast path (AVX-512 VNNI, K % 512 == 0, up to 16 activation rows, e.g. batched streams): within each group of 512 weights
 // (16 blocks) w is stored permuted so that lane i of a 16-lane int32 multiply-add accumulates block
 // i: position (j * 16 + i) * P + p holds weight 32 * i + P * j + p of the group, P = 2: the
 // activations are rounded to int16 with one scale per row (relative error ~1e-5, so the error is the
@@ -100,17 +100,32 @@ static void general(const float* xp, const int8_t* wp, const float* sp, float* o
     });
 }
 
-torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P) {  // -> float32 (N, K), natural order
+torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Tensor out) {
+    // -> out: float32 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in a VM)
+    TORCH_CHECK(P == 2);
     const int64_t N = w.size(0), K = w.size(1), nb = K / 32;
-    auto out = torch::empty({N, K}, torch::kFloat32);
+    TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K);
     const int8_t* wp = w.data_ptr<int8_t>();
     const float* sp = s.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    std::vector<int64_t> src(K);
-    for (int64_t k = 0; k < K; ++k) src[k] = perm(k, K, P);
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n)
-            for (int64_t k = 0; k < K; ++k) op[n * K + k] = float(wp[n * K + src[k]]) * sp[n * nb + k / 32];
+        std::vector<int8_t> nat(K);
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t* wr = wp + n * K;
+            if (K % 512 == 0) {               // undo the permutation: a 16 x 16 transpose of 2-byte pairs
+                const int16_t* src = (const int16_t*)wr;
+                int16_t* dst = (int16_t*)nat.data();
+                for (int64_t g = 0; g < K / 2; g += 256)
+                    for (int i = 0; i < 16; ++i)
+                        for (int j = 0; j < 16; ++j) dst[g + i * 16 + j] = src[g + j * 16 + i];
+            } else {
+                std::copy(wr, wr + K, nat.begin());
+            }
+            float* orow = op + n * K;
+            const float* sr = sp + n * nb;
+            for (int64_t b = 0; b < nb; ++b)
+                for (int t = 0; t < 32; ++t) orow[b * 32 + t] = float(nat[b * 32 + t]) * sr[b];
+        }
     });
     return out;
 }
@@ -126,7 +141,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     const float* sp = s.data_ptr<float>();
     float* op = out.data_ptr<float>();
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (M <= 4 && K % 512 == 0) {
+    if (M <= 16 && K % 512 == 0) {
         // activations -> int16 (one scale per row), then pairs moved to the stored order: the 16 x 16
         // int32 transpose (block i, pair j) -> (pair j, block i) within each group of 512
         std::vector<int16_t> xn(K), xq(M * K);
@@ -193,7 +208,7 @@ def kernel():
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                _ext = load_inline(name="makima_int8_linear_v8", cpp_sources=_CPP, functions=["int8_linear", "permute_k", "dequantize"],
+                _ext = load_inline(name="makima_int8_linear_v11", cpp_sources=_CPP, functions=["int8_linear", "permute_k", "dequantize"],
                                    extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
@@ -203,6 +218,17 @@ def kernel():
 
 def kernel_error() -> Optional[str]:
     return _ext_error
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A float32 buffer of `numel` elements, reused per thread (for dequantized weights in prefill)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.buf = torch.empty(numel)
+    return buf[:numel]
 
 
 def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,16 +258,18 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self._op, self._dequantize, self._pack = ext.int8_linear, ext.dequantize, pack
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The float32 weight (out_features, in_features) these int8 values and scales stand for."""
-        return self._dequantize(self.qweight, self.scales, self._pack)
+        out = torch.empty(self.out_features, self.in_features) if out is None else out
+        return self._dequantize(self.qweight, self.scales, self._pack, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
         if x2.shape[0] > PREFILL_ROWS:
             # many rows (prefill): compute-bound, so dequantize once and use the float matrix product
-            out = F.linear(x2, self.dequantized(), self.bias)
+            w = _scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
+            out = F.linear(x2, self.dequantized(w), self.bias)
         else:
             out = self._op(x2, self.qweight, self.scales)
             if self.bias is not None:
