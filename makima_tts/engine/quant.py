@@ -206,7 +206,16 @@ def kernel():
     with _ext_lock:
         if _ext is None and _ext_error is None:
             try:
+                import os
+                import shutil
+                import sys
+
                 from torch.utils.cpp_extension import load_inline
+
+                # the `ninja` wheel installs its binary beside this interpreter, which may not be on PATH
+                here = os.path.dirname(sys.executable)
+                if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
+                    os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
                 _ext = load_inline(name="makima_int8_linear_v11", cpp_sources=_CPP, functions=["int8_linear", "permute_k", "dequantize"],
                                    extra_cflags=["-O3", "-march=native"], verbose=False)
