@@ -36,7 +36,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-async def session(url: str, n: int, voice: str | None, rate: int, out: dict) -> None:
+async def session(url: str, n: int, voice: str | None, rate: int, out: dict, text: str) -> None:
     import websockets
 
     try:
@@ -44,7 +44,7 @@ async def session(url: str, n: int, voice: str | None, rate: int, out: dict) -> 
             json.loads(await ws.recv())
             for i in range(n):
                 t0 = time.perf_counter()
-                msg = {"type": "speak", "text": TEXT, "id": f"u{i}"}
+                msg = {"type": "speak", "text": text, "id": f"u{i}"}
                 if voice:
                     msg["voice"] = voice
                 await ws.send(json.dumps(msg))
@@ -70,10 +70,10 @@ async def session(url: str, n: int, voice: str | None, rate: int, out: dict) -> 
         out["errors"][type(e).__name__] += 1
 
 
-async def level(url: str, streams: int, utterances: int, voice: str | None) -> dict:
+async def level(url: str, streams: int, utterances: int, voice: str | None, text: str) -> dict:
     out = {"ttfa": [], "rtf": [], "audio_s": 0.0, "errors": Counter()}
     t0 = time.perf_counter()
-    await asyncio.gather(*(session(url, utterances, voice, 24000, out) for _ in range(streams)))
+    await asyncio.gather(*(session(url, utterances, voice, 24000, out, text) for _ in range(streams)))
     wall = time.perf_counter() - t0
     return {"streams": streams, "utterances": len(out["rtf"]),
             "ttfa_p50_ms": round(1000 * pct(out["ttfa"], 0.5), 1), "ttfa_p95_ms": round(1000 * pct(out["ttfa"], 0.95), 1),
@@ -93,15 +93,19 @@ def main() -> None:
     ap.add_argument("--voice", default=None)
     ap.add_argument("--max-streams", type=int, default=None, help="server's max_streams (default: the largest level)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", default=TEXT, help="what each utterance says")
+    ap.add_argument("--quantize", default="none", help="server's --quantize (none, int8, int8-dynamic)")
+    ap.add_argument("--batch", action="store_true", help="server's --batch")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",") if x.strip()]
-    results = {"settings": {"streams": levels, "utterances": args.utterances, "text": TEXT,
+    results = {"settings": {"streams": levels, "utterances": args.utterances, "text": args.text,
+                            "quantize": args.quantize, "batch": args.batch,
                             "loadavg_before": [round(x, 2) for x in os.getloadavg()]}, "levels": []}
 
     def run(url: str) -> None:
         for n in levels:
-            results["levels"].append(asyncio.run(level(url, n, args.utterances, args.voice)))
+            results["levels"].append(asyncio.run(level(url, n, args.utterances, args.voice, args.text)))
 
     if args.url:
         results["settings"]["url"] = args.url
@@ -120,7 +124,8 @@ def main() -> None:
             results["settings"]["max_streams"] = max_streams
             with ServerProcess("--checkpoint", checkpoint, "--voices-dir", voices, "--default-voice", "bench",
                                "--threads", str(args.threads), "--max-streams", str(max_streams),
-                               "--max-queue", str(4 * max(levels))) as server:
+                               "--max-queue", str(4 * max(levels)), "--quantize", args.quantize,
+                               *(["--batch"] if args.batch else [])) as server:
                 server.wait_ready(timeout=600)
                 run(server.ws_url)
     results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
