@@ -128,7 +128,8 @@ class Qwen3Engine:
                 method = quantize_module(talker.model.layers, quantize)["method"]
                 quantize_module(talker.code_predictor, method)
                 talker.codec_head = quantize_linear(talker.codec_head, method)
-        speaker = SpeakerEncoder.load({k[len("speaker_encoder."):]: v for k, v in tensors.items()
+        # copies: a tensor kept from the memory-mapped file would keep every page of it resident
+        speaker = SpeakerEncoder.load({k[len("speaker_encoder."):]: v.clone() for k, v in tensors.items()
                                        if k.startswith("speaker_encoder.")},
                                       ck.config.get("speaker_encoder_config", {}), device=dev, dtype=dt)
         del tensors
