@@ -26,6 +26,7 @@
     sampleRate: 0,            // PCM rate of the session
     format: "pcm_f32le",
     contextRate: 0,
+    contextState: "",         // the AudioContext's state: suspended until the browser allows audio
     connects: 0,
     reconnects: 0,
     bytesReceived: 0,
@@ -152,6 +153,8 @@
       if (ctx) { try { await ctx.close(); } catch (_) { /* closed */ } }
       ctx = createContext(rate);
       M.contextRate = ctx.sampleRate;
+      M.contextState = ctx.state;
+      ctx.onstatechange = () => { M.contextState = ctx.state; };
       await ctx.audioWorklet.addModule(apiUrl("static/pcm-worklet.js"));
       node = new AudioWorkletNode(ctx, "makima-pcm-player", {
         numberOfInputs: 0, numberOfOutputs: 1, outputChannelCount: [1],
@@ -167,6 +170,10 @@
     })();
     audioReady.catch((e) => showError("AUDIO", "Audio output is not available: " + e.message, "audio"));
     return audioReady;
+  }
+
+  function withTimeout(promise, ms) {
+    return Promise.race([promise, new Promise((_, reject) => setTimeout(() => reject(new Error("timeout")), ms))]);
   }
 
   function requestedRate() {
@@ -452,8 +459,9 @@
       return;
     }
     clearError();
-    if (audioReady) { try { await audioReady; } catch (_) { return; } }
-    if (ctx && ctx.state !== "running") { try { await ctx.resume(); } catch (_) { /* autoplay */ } }
+    if (audioReady) { try { await withTimeout(audioReady, 3000); } catch (_) { /* shown by setupAudio */ } }
+    // resume() waits for the browser to allow audio (autoplay rules, no output device): never block on it
+    if (ctx && ctx.state !== "running") { try { await withTimeout(ctx.resume(), 500); } catch (_) { /* later */ } }
     // interrupt: the server cancels what it is saying; drop its audio here at once
     for (const id of pending.keys()) dropped.add(id);
     pending.clear();
@@ -469,6 +477,9 @@
   }
 
   function stop() {
+    if (pending.size || receivingId != null) {
+      for (const cell of [ui.mTtfa, ui.mRtf, ui.mAudio]) if (cell.textContent === "…") cell.textContent = "–";
+    }
     for (const id of pending.keys()) dropped.add(id);
     if (receivingId != null) dropped.add(receivingId);
     pending.clear();
