@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..errors import EmptyText, EngineUnavailable, VoiceNotFound
 from .generate import FrameGenerator, Prompt, build_prompt
 from .model import apply_rope, rope_tables
+from .qwen3 import decode_chunks
 from .sampling import apply_repetition_penalty, choose
 from .types import AudioChunk, CancelToken, GenerationSettings, VoicePrompt
 
@@ -404,45 +405,9 @@ class BatchedEngine:
             raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
         settings = settings or self.engine.defaults
         stats = stats if stats is not None else {}
-        stats.setdefault("decode_s", 0.0)
         t_start = time.perf_counter()
         frames = self.frames(text, voice, language, settings, cancel, stats)
-        decoder = self._streaming_decoder(voice)
-        rate = self.engine.sample_rate
-        pending: list[torch.Tensor] = []
-        index = frame_index = 0
-        want = max(1, settings.first_chunk_frames)
-
-        def emit(last: bool) -> AudioChunk:
-            nonlocal index, frame_index, pending
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                pcm = decoder.push(torch.stack(pending)) if pending else np.zeros(0, np.float32)
-                if last:
-                    pcm = np.concatenate([pcm, decoder.flush()])
-            stats["decode_s"] += time.perf_counter() - t0
-            chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=rate, index=index,
-                               frame_index=frame_index, num_frames=len(pending), is_last=last)
-            if index == 0:
-                stats["ttfa_s"] = time.perf_counter() - t_start
-            index += 1
-            frame_index += len(pending)
-            pending = []
-            return chunk
-
-        try:
-            for frame in frames:
-                pending.append(frame)
-                if len(pending) >= want:
-                    yield emit(last=False)
-                    want = max(1, settings.chunk_frames)
-            if cancel is not None and cancel.cancelled:
-                return
-            yield emit(last=True)
-        finally:
-            frames.close()
-            stats["frames"] = frame_index
-            stats["total_s"] = time.perf_counter() - t_start
+        return decode_chunks(frames, self._streaming_decoder(voice), settings, cancel, stats, t_start)
 
     def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
                    settings: Optional[GenerationSettings] = None) -> np.ndarray:

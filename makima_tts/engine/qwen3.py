@@ -78,6 +78,48 @@ def check_language(language: Optional[str]) -> str:
     return lang
 
 
+def decode_chunks(frames: Iterator[torch.Tensor], decoder, settings: GenerationSettings,
+                  cancel: Optional[CancelToken], stats: dict, t_start: float) -> Iterator[AudioChunk]:
+    """Frames of codes -> AudioChunks through a streaming codec decoder: the first chunk after
+    `first_chunk_frames` frames, then every `chunk_frames`; the last (is_last) carries the decoder's
+    tail and may hold no new frame. Nothing after a cancel. Fills stats: decode_s, ttfa_s, frames, total_s."""
+    stats.setdefault("decode_s", 0.0)
+    pending: list[torch.Tensor] = []
+    index = frame_index = 0
+    want = max(1, settings.first_chunk_frames)
+
+    def emit(last: bool) -> AudioChunk:
+        nonlocal index, frame_index, pending
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pcm = decoder.push(torch.stack(pending)) if pending else np.zeros(0, np.float32)
+            if last:
+                pcm = np.concatenate([pcm, decoder.flush()])
+        stats["decode_s"] += time.perf_counter() - t0
+        chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=index,
+                           frame_index=frame_index, num_frames=len(pending), is_last=last)
+        if index == 0:
+            stats["ttfa_s"] = time.perf_counter() - t_start
+        index += 1
+        frame_index += len(pending)
+        pending = []
+        return chunk
+
+    try:
+        for frame in frames:
+            pending.append(frame)
+            if len(pending) >= want:
+                yield emit(last=False)
+                want = max(1, settings.chunk_frames)
+        if cancel is not None and cancel.cancelled:
+            return
+        yield emit(last=True)
+    finally:
+        frames.close()
+        stats["frames"] = frame_index
+        stats["total_s"] = time.perf_counter() - t_start
+
+
 class Qwen3Engine:
     name = "qwen3"
     supports_cloning = True
@@ -225,44 +267,9 @@ class Qwen3Engine:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
         settings = settings or self.defaults
         stats = stats if stats is not None else {}
-        stats.setdefault("decode_s", 0.0)
         t_start = time.perf_counter()
         frames = self.frames(text, voice, language, settings, cancel, stats)
-        decoder = self._streaming_decoder(voice)
-        pending: list[torch.Tensor] = []
-        index = frame_index = 0
-        want = max(1, settings.first_chunk_frames)
-
-        def emit(last: bool) -> AudioChunk:
-            nonlocal index, frame_index, pending
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                pcm = decoder.push(torch.stack(pending)) if pending else np.zeros(0, np.float32)
-                if last:
-                    pcm = np.concatenate([pcm, decoder.flush()])
-            stats["decode_s"] += time.perf_counter() - t0
-            chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=index,
-                               frame_index=frame_index, num_frames=len(pending), is_last=last)
-            if index == 0:
-                stats["ttfa_s"] = time.perf_counter() - t_start
-            index += 1
-            frame_index += len(pending)
-            pending = []
-            return chunk
-
-        try:
-            for frame in frames:
-                pending.append(frame)
-                if len(pending) >= want:
-                    yield emit(last=False)
-                    want = max(1, settings.chunk_frames)
-            if cancel is not None and cancel.cancelled:
-                return
-            yield emit(last=True)
-        finally:
-            frames.close()
-            stats["frames"] = frame_index
-            stats["total_s"] = time.perf_counter() - t_start
+        return decode_chunks(frames, self._streaming_decoder(voice), settings, cancel, stats, t_start)
 
     def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
                    settings: Optional[GenerationSettings] = None) -> np.ndarray:
