@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REF_TEXT = "Hello world. This is a test of the voice."
+from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
 TEXT = "Streaming speech sends each piece of audio as soon as it is ready, so the listener hears it at once."
 
 
@@ -86,8 +86,7 @@ async def level(url: str, streams: int, utterances: int, voice: str | None, text
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (default: start one)")
-    ap.add_argument("--checkpoint", help="checkpoint for the server this script starts")
-    ap.add_argument("--tiny", action="store_true", help="start a server on the tiny test checkpoint")
+    add_checkpoint_flags(ap)
     ap.add_argument("--streams", default="1,2,4,8", help="comma list of concurrent session counts")
     ap.add_argument("--utterances", type=int, default=2, help="utterances per session")
     ap.add_argument("--voice", default=None)
@@ -96,7 +95,6 @@ def main() -> None:
     ap.add_argument("--text", default=TEXT, help="what each utterance says")
     ap.add_argument("--quantize", default="none", help="server's --quantize (none, int8, int8-dynamic)")
     ap.add_argument("--batch", action="store_true", help="server's --batch")
-    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",") if x.strip()]
     results = {"settings": {"streams": levels, "utterances": args.utterances, "text": args.text,
@@ -112,17 +110,16 @@ def main() -> None:
         run(args.url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://"))
     else:
         from makima_tts.voices import VoiceLibrary
-        from tests.checkpoints import build_checkpoint, reference_clip
+        from tests.checkpoints import reference_clip
         from tests.serverproc import ServerProcess
 
-        checkpoint = args.checkpoint or str(build_checkpoint(Path(args.cache) / ("tiny" if args.tiny else "full-0.6b-base"),
-                                                              tiny=args.tiny))
-        results["settings"]["checkpoint"] = checkpoint
+        ckpt = checkpoint(args)
+        results["settings"]["checkpoint"] = ckpt
         with tempfile.TemporaryDirectory() as voices:
             VoiceLibrary(voices).add("bench", reference_clip(3.0), 24000, name="Bench", transcript=REF_TEXT)
             max_streams = args.max_streams or max(levels)
             results["settings"]["max_streams"] = max_streams
-            with ServerProcess("--checkpoint", checkpoint, "--voices-dir", voices, "--default-voice", "bench",
+            with ServerProcess("--checkpoint", ckpt, "--voices-dir", voices, "--default-voice", "bench",
                                "--threads", str(args.threads), "--max-streams", str(max_streams),
                                "--max-queue", str(4 * max(levels)), "--quantize", args.quantize,
                                *(["--batch"] if args.batch else [])) as server:

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REF_TEXT = "Hello world. This is a test of the voice."
+from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Streaming speech synthesis sends each piece of audio as soon as it is ready.",
@@ -118,23 +118,19 @@ def compare(ref: list[tuple], test: list[tuple]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--tiny", action="store_true")
+    add_checkpoint_flags(ap)
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--quantize", default="int8", help="comma list: none (a sanity check), int8, int8-a8, int8-dynamic")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
     args = ap.parse_args()
 
     import torch
 
     from makima_tts.engine.qwen3 import Qwen3Engine
-    from tests.checkpoints import build_checkpoint, reference_clip
+    from tests.checkpoints import reference_clip
 
     torch.set_num_threads(args.threads)
-    if not args.checkpoint:
-        name = "tiny" if args.tiny else "full-0.6b-base"
-        args.checkpoint = str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))
+    args.checkpoint = checkpoint(args)
     engine = Qwen3Engine.load(args.checkpoint)
     voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
     ref = run(engine, voice, args.frames)

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REF_TEXT = "Hello world. This is a test of the voice."
+from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
 TEXT = "Streaming speech sends each piece of audio as soon as it is ready."
 
 
@@ -121,22 +121,16 @@ async def hold_sessions(url: str, n: int, pid: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="checkpoint folder (default: build a random one in --cache)")
-    ap.add_argument("--tiny", action="store_true", help="the tiny test checkpoint (seconds)")
+    add_checkpoint_flags(ap)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    if not args.checkpoint:
-        from tests.checkpoints import build_checkpoint
-
-        name = "tiny" if args.tiny else "full-0.6b-base"
-        args.checkpoint = str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))
+    args.checkpoint = checkpoint(args)
     from makima_tts.voices import VoiceLibrary
     from tests.checkpoints import reference_clip
     from tests.serverproc import ServerProcess
