@@ -1,13 +1,22 @@
 """Engine benchmark: our streaming engine against the reference `qwen-tts`, same run, same checkpoint.
 
     python bench/engine.py [--checkpoint DIR] [--tiny] [--frames N] [--dtype float32|bfloat16] [--threads N]
-                           [--quantize none,int8,int8-dynamic] [--skip-reference]
+                           [--quantize none,int8,int8-dynamic] [--skip-reference] [--peer vox]
+                           [--batch N] [--device cpu|cuda]
 
 Builds (once, cached in --cache) a random-weight checkpoint with the real 0.6B-Base
 geometry unless --checkpoint is given. Each system runs in its own process (so
 peak RSS is its own) on the same reference clip, transcript and text, with the
 frame count forced equal (random weights never say EOS; the reference is also
 given a suppressed EOS id). Prints a short table, then one JSON object last.
+
+--peer vox: installs vox-tts==0.19.5 (+ numpy) into its own virtual environment in
+--cache/vox/venv (bench only; reused), converts the same checkpoint once with
+`python -m vox build --dtype bf16 --quant q8` (cached next to the checkpoint as
+DIR.vox-bf16-q8.tmod), and times it in a child of that venv (bench/vox_peer.py) on the same
+clip, transcript, text and frame count (VOX_DEBUG_NO_EOS=1). --batch N: our engine also with N
+concurrent streams through one BatchedEngine (bench/batch.py's run_streams). --device: where
+our engine runs (cuda only when torch sees one).
 """
 from __future__ import annotations
 
@@ -29,6 +38,13 @@ TEXT = ("Streaming speech synthesis sends each piece of audio as soon as it is r
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss would carry over the parent's peak from before exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -41,7 +57,7 @@ def run_ours(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = Qwen3Engine.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+    engine = Qwen3Engine.load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     clip = reference_clip(3.0)
     t0 = time.perf_counter()
@@ -64,7 +80,10 @@ def run_ours(args) -> dict:
     total = time.perf_counter() - t0
     frames = stats["frames"]
     audio_s = samples / engine.sample_rate
-    return dict(
+    batch = None
+    if args.batch:
+        batch = run_batch(engine, voice, args)
+    return dict(batch=batch, device=str(engine.device),
         frames=frames, audio_s=round(audio_s, 3),
         frame_ms=round(1000 * (stats["talker_s"] + stats["predictor_s"]) / max(frames - 1, 1), 1),
         talker_ms=round(1000 * stats["talker_s"] / max(frames - 1, 1), 1),
@@ -75,6 +94,23 @@ def run_ours(args) -> dict:
         prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
         peak_rss_mb=round(peak_rss_mb()), quantize=engine.quantize,
     )
+
+
+def run_batch(engine, voice, args) -> dict:
+    """N concurrent streams (each its own text, seed, decoding on its own thread) through one BatchedEngine."""
+    from bench.batch import run_streams
+    from makima_tts.engine.batch import BatchedEngine
+    from makima_tts.engine.types import GenerationSettings
+
+    target = BatchedEngine(engine, max_batch=args.batch)
+    try:
+        list(target.frames(TEXT, voice, "english", GenerationSettings(max_frames=2, seed=0)))   # warm-up
+        la = os.getloadavg()[0]
+        r = run_streams(target, voice, args.batch, args.frames, args.first_chunk_frames, True)
+    finally:
+        target.close()
+    r["loadavg_1m_before"] = round(la, 2)
+    return r
 
 
 def measure_floors(threads: int) -> dict:
@@ -165,7 +201,7 @@ def child(system: str, args, quantize: str = "none") -> dict:
     cmd = [sys.executable, __file__, "--child", system, "--checkpoint", str(args.checkpoint), "--frames",
            str(args.frames), "--dtype", args.dtype, "--threads", str(args.threads),
            "--first-chunk-frames", str(args.first_chunk_frames), "--quantize", quantize,
-           "--warmup-frames", str(args.warmup_frames)]
+           "--warmup-frames", str(args.warmup_frames), "--device", args.device, "--batch", str(args.batch)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -186,8 +222,19 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--quantize", "--quant", default="none",
                     help="our engine's weights: none, int8, int8-dynamic; a comma list runs each (same run)")
+    ap.add_argument("--peer", default="", help="also run a peer in the same run: vox (vox-tts 0.19.5, q8)")
+    ap.add_argument("--batch", type=int, default=0, help="also run our engine with N concurrent batched streams")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where our engine runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda" and not args.child:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no CUDA device here (torch %s, cuda build %s); use --device cpu"
+                     % (torch.__version__, torch.version.cuda))
+    if args.peer and args.peer != "vox":
+        sys.exit(f"--peer {args.peer}: only vox is supported")
 
     if args.child:
         result = {"ours": run_ours, "reference": run_reference, "floors": lambda a: measure_floors(a.threads)}[
@@ -204,6 +251,7 @@ def main() -> None:
     variants = [q.strip() for q in args.quantize.split(",") if q.strip()] or ["none"]
     results = {"settings": {"checkpoint": args.checkpoint, "frames": args.frames, "dtype": args.dtype,
                             "threads": args.threads, "first_chunk_frames": args.first_chunk_frames,
+                            "device": args.device, "batch": args.batch, "peer": args.peer or None,
                             "cpu": _cpu_name(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}}
     results["floors"] = child("floors", args)
     systems = []
@@ -213,12 +261,14 @@ def main() -> None:
         systems.append(name)
     if not args.skip_reference:
         results["reference"] = child("reference", args)
+    if args.peer == "vox":
+        results["peer"] = run_vox(args)
     results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     fields = ["frame_ms", "talker_ms", "predictor_ms", "decode_s_per_audio_s", "ttfa_s", "rtf", "peak_rss_mb",
               "load_s"]
     fields = ["quantize"] + fields
     print(f"{'system':<18}" + "".join(f"{f:>21}" for f in fields))
-    for system in systems + ["reference"]:
+    for system in systems + ["reference", "peer"]:
         if system in results:
             row = results[system]
             if "error" in row:
@@ -226,7 +276,69 @@ def main() -> None:
                 continue
             print(f"{system:<18}" + "".join(f"{str(row.get(f, '-')):>21}" for f in fields))
     print("floors:", results["floors"])
+    peer = results.get("peer")
+    if peer and "error" not in peer:
+        fu = peer["first_use"]
+        print(f"peer {peer['system']}: first audio on the voice's first use {fu['first_audio_incl_clone_s']} s "
+              f"(clone {fu['clone_s']} s + first chunk {fu['ttfa_s']} s), second use {peer['ttfa_s']} s; "
+              f"chunks of {peer['first_chunk_ms']} ms; not available: {'; '.join(peer['not_available'])}")
+    for system in systems:
+        b = results[system].get("batch") if isinstance(results[system], dict) else None
+        if b:
+            print(f"{system} batched x{b['streams']}: {b['aggregate_audio_s_per_s']} audio s per wall s, "
+                  f"{b['frame_ms_per_stream']} ms/frame per stream, first audio p50 {b['ttfa_p50_s']} s "
+                  f"p95 {b['ttfa_p95_s']} s")
+    print(f"load average before {results['settings']['loadavg_before']}, after {results['settings']['loadavg_after']}")
     print(json.dumps(results))
+
+
+VOX_VERSION = "0.19.5"
+
+
+def run_vox(args) -> dict:
+    """vox-tts in its own venv (created/reused under --cache/vox), the checkpoint converted once (cached
+    next to it), timed in a child of that venv's python. Returns the peer's figures or {"error": ...}."""
+    import numpy as np
+
+    from tests.checkpoints import reference_clip
+
+    cache = Path(args.cache) / "vox"
+    venv = cache / "venv"
+    py = venv / "bin" / "python"
+    try:
+        ok = py.exists() and subprocess.run([str(py), "-c", f"import vox, numpy; assert vox.__version__ == '{VOX_VERSION}'"],
+                                            capture_output=True).returncode == 0
+        if not ok:
+            print(f"peer vox: installing vox-tts=={VOX_VERSION} into {venv}", file=sys.stderr)
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True,
+                           capture_output=True, text=True)
+            r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"vox-tts=={VOX_VERSION}", "numpy"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                return {"error": ["pip install vox-tts failed"] + (r.stderr or r.stdout).strip().splitlines()[-5:]}
+        ckpt = Path(args.checkpoint).resolve()
+        tmod = ckpt.parent / f"{ckpt.name}.vox-bf16-q8.tmod"
+        if not tmod.exists():
+            print(f"peer vox: converting {ckpt} -> {tmod}", file=sys.stderr)
+            tmp = tmod.with_name(tmod.name + ".tmp.tmod")
+            r = subprocess.run([str(py), "-m", "vox", "build", "--model", str(ckpt), "--dtype", "bf16", "--quant", "q8",
+                                "-o", str(tmp)], capture_output=True, text=True)
+            if r.returncode != 0:
+                return {"error": ["vox build failed"] + (r.stderr or r.stdout).strip().splitlines()[-5:]}
+            tmp.rename(tmod)
+        clip_path = cache / "reference_clip_3s.npy"
+        np.save(clip_path, reference_clip(3.0).astype(np.float32))
+        env = dict(os.environ, VOX_DEBUG_NO_EOS="1", OMP_NUM_THREADS=str(args.threads))
+        cmd = [str(py), str(ROOT / "bench" / "vox_peer.py"), "--tmod", str(tmod), "--clip", str(clip_path),
+               "--ref-text", REF_TEXT, "--text", TEXT, "--frames", str(args.frames), "--threads", str(args.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            return {"error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        out["tmod"] = str(tmod)
+        return out
+    except (OSError, subprocess.CalledProcessError, ValueError) as e:
+        return {"error": [repr(e)]}
 
 
 def _cpu_name() -> str:
