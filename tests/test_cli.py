@@ -33,3 +33,12 @@ def test_bench_reports_a_bad_checkpoint(tmp_path):
 def test_serve_rejects_a_bad_setting():
     out = cli("serve", "--engine", "nonsense")
     assert out.returncode == 2 and "INVALID_SETTING" in out.stderr and "engine" in out.stderr
+
+
+def test_serve_reads_makima_tts_environment_variables():
+    import os
+
+    env = {**os.environ, "MAKIMA_TTS_MAX_STREAMS": "not-a-number"}
+    out = subprocess.run([sys.executable, "-m", "makima_tts", "serve"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 2 and "INVALID_SETTING" in out.stderr and "max_streams" in out.stderr
