@@ -19,10 +19,11 @@ if [ "$DEV" = 1 ]; then
   # a CPU machine, and qwen_tts only needs torchaudio's pure-Python import).
   $PIP install --no-deps "qwen-tts==0.1.1" "torchaudio==2.11.0" "sox"
   rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
-  # browsers for the /speak page tests (Debian's; Playwright drives chromium, Marionette firefox-esr)
-  if [ "${MAKIMA_SKIP_BROWSER:-0}" != 1 ] && { ! command -v chromium || ! command -v firefox-esr; } >/dev/null 2>&1; then
+  # browsers for the /speak page tests (Debian's; Playwright drives chromium, Marionette firefox-esr;
+  # pulseaudio gives Firefox a null sound sink to play into)
+  if [ "${MAKIMA_SKIP_BROWSER:-0}" != 1 ] && { ! command -v chromium || ! command -v firefox-esr || ! command -v pulseaudio; } >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium firefox-esr) >/dev/null 2>&1 \
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium firefox-esr pulseaudio) >/dev/null 2>&1 \
         || echo "setup: could not install chromium / firefox-esr; browser tests will be skipped" >&2
     fi
   fi
