@@ -203,10 +203,13 @@ def child(system: str, args, quantize: str = "none") -> dict:
            "--first-chunk-frames", str(args.first_chunk_frames), "--quantize", quantize,
            "--warmup-frames", str(args.warmup_frames), "--device", args.device, "--batch", str(args.batch)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    la = os.getloadavg()[0]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out.update(loadavg_1m_before=round(la, 2), loadavg_1m_after=round(os.getloadavg()[0], 2))
+    return out
 
 
 def main() -> None:
@@ -331,11 +334,12 @@ def run_vox(args) -> dict:
         env = dict(os.environ, VOX_DEBUG_NO_EOS="1", OMP_NUM_THREADS=str(args.threads))
         cmd = [str(py), str(ROOT / "bench" / "vox_peer.py"), "--tmod", str(tmod), "--clip", str(clip_path),
                "--ref-text", REF_TEXT, "--text", TEXT, "--frames", str(args.frames), "--threads", str(args.threads)]
+        la = os.getloadavg()[0]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             return {"error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
         out = json.loads(r.stdout.strip().splitlines()[-1])
-        out["tmod"] = str(tmod)
+        out.update(tmod=str(tmod), loadavg_1m_before=round(la, 2), loadavg_1m_after=round(os.getloadavg()[0], 2))
         return out
     except (OSError, subprocess.CalledProcessError, ValueError) as e:
         return {"error": [repr(e)]}
