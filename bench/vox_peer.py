@@ -3,7 +3,7 @@ python (numpy + vox-tts, no torch, nothing of makima_tts), with VOX_DEBUG_NO_EOS
 so random weights give exactly --frames frames. Prints one JSON object last.
 
     <venv>/bin/python bench/vox_peer.py --tmod FILE.tmod --clip CLIP.npy --ref-text "..." --text "..."
-                                        --frames 30 --threads 2
+                                        --frames 30 --threads 2 [--many 1,2,4,8]
 
 Timed, in order: vox.Engine(FILE, device="cpu", threads=N) (load_s); engine.clone_voice(clip, ref_text,
 language="english") (clone_s); a first stream with that voice (the voice's first use: first audio
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--text", required=True)
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--many", default="", help="also: aggregate of N streams at once via synthesize_many, "
+                                               "for each N of a comma list (e.g. 1,2,4,8)")
     args = ap.parse_args()
     assert os.environ.get("VOX_DEBUG_NO_EOS") == "1", "VOX_DEBUG_NO_EOS=1 must be set (exact frame count)"
 
@@ -70,6 +72,14 @@ def main() -> None:
 
     first = run()               # the voice's first use
     second = run()              # same voice again: the figures reported
+    many = []
+    for n in [int(x) for x in args.many.split(",") if x.strip()]:
+        t0 = time.perf_counter()
+        outs = engine.synthesize_many([args.text] * n, voice, workers=n, seed=1, max_frames=args.frames)
+        wall = time.perf_counter() - t0
+        audio = sum(len(o) for o in outs) / sr
+        many.append(dict(streams=n, audio_s=round(audio, 2), wall_s=round(wall, 2),
+                         aggregate_audio_s_per_s=round(audio / wall, 3)))
     audio_s = second["samples"] / sr
     frames = second["frames"] or round(second["samples"] / (sr * 0.08))
     s = second["seconds"]
@@ -92,7 +102,7 @@ def main() -> None:
                        seconds={k: round(v, 3) for k, v in first["seconds"].items()}),
         second_use=dict(ttfa_s=round(second["ttfa"], 3), seconds={k: round(v, 3) for k, v in s.items()}),
         first_chunk_ms=round(1000 * second["first_chunk_samples"] / sr), chunks=second["chunks"],
-        quantize="q8 (bf16)",
+        quantize="q8 (bf16)", many=many,
         not_available=["voice_prime_s (vox primes the codec inside the first stream: first_use.seconds.codec_warmup)"],
     )))
 
