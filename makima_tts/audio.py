@@ -375,8 +375,8 @@ def read_audio(data: Union[bytes, bytearray, memoryview, str, os.PathLike]) -> t
     except InvalidAudio:
         raise
     except ImportError:
-        raise InvalidAudio(f"could not decode the audio: not a wav, flac, ogg or mp3 file, and PyAV (for other "
-                           f"formats) is not installed: pip install av") from None
+        raise InvalidAudio("could not decode the audio: not a wav, flac, ogg or mp3 file, and PyAV (for other "
+                           "formats) is not installed: pip install av") from None
     except Exception as e:
         errors.append(f"ffmpeg: {e}")
         logging.getLogger("makima_tts.audio").debug("undecodable audio: %s", "; ".join(errors))

@@ -39,16 +39,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import EmptyText, EngineUnavailable, VoiceNotFound
 from .generate import FrameGenerator, Prompt, build_prompt
 from .model import apply_rope, rope_tables
-from .qwen3 import decode_chunks
+from .qwen3 import Qwen3Engine
 from .sampling import apply_repetition_penalty, choose
-from .types import AudioChunk, CancelToken, GenerationSettings, VoicePrompt
+from .types import CancelToken, GenerationSettings, VoicePrompt
 
 _END = object()                 # the scheduler's last item on a stream's queue (EOS, max_frames, cancel)
 _POLL_S = 0.05                  # how often a waiting consumer looks at its cancel token
@@ -394,25 +393,10 @@ class BatchedEngine:
         with torch.inference_mode():
             return eng.codec.streaming_decoder(context=voice.ref_codes if voice.icl else None)
 
-    def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
-               settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
-               stats: Optional[dict] = None) -> Iterator[AudioChunk]:
-        """Audio chunks (float32, 24 kHz) as frames are generated; the last has is_last=True.
-        Chunks and samples are those of Qwen3Engine.stream for the same frames."""
-        if voice is None:
-            raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        if not isinstance(voice, VoicePrompt):
-            raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
-        settings = settings or self.engine.defaults
-        stats = stats if stats is not None else {}
-        t_start = time.perf_counter()
-        frames = self.frames(text, voice, language, settings, cancel, stats)
-        return decode_chunks(frames, self._streaming_decoder(voice), settings, cancel, stats, t_start)
-
-    def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
-                   settings: Optional[GenerationSettings] = None) -> np.ndarray:
-        chunks = [c.pcm for c in self.stream(text, voice, language, settings)]
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    # Chunks and samples are those of Qwen3Engine.stream for the same frames: the same code, over
+    # this class's frames() and _streaming_decoder() (defaults come from the engine).
+    stream = Qwen3Engine.stream
+    synthesize = Qwen3Engine.synthesize
 
     # ---- the scheduler thread -----------------------------------------------------------------
 

@@ -265,6 +265,8 @@ class Qwen3Engine:
             from ..errors import VoiceNotFound
 
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
+        if not isinstance(voice, VoicePrompt):
+            raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
         settings = settings or self.defaults
         stats = stats if stats is not None else {}
         t_start = time.perf_counter()
