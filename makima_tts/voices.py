@@ -792,6 +792,9 @@ class PromptCache:
             return fut.result()
         try:
             prompt = self._load_or_compute(record, key)
+            prepare = getattr(self.engine, "prepare_voice", None)
+            if prepare is not None:          # per-voice work done now, not on the voice's first utterance
+                prompt = prepare(prompt)
         except BaseException as e:
             with self._lock:
                 self._inflight.pop((record.voice_id, key), None)

@@ -759,3 +759,25 @@ def test_rest_requires_api_key(tmp_path):
     assert client.delete("/api/v1/voices/x").status_code == 401
     r = client.get("/api/v1/voices", headers={"authorization": "Bearer secret"})
     assert r.status_code == 200 and r.json()["voices"][0]["voice_id"] == "makima"
+
+
+def test_prompt_cache_prepares_the_voice_once(tmp_path, engine, monkeypatch):
+    """The per-voice codec priming happens when the prompt is computed or loaded, not on the
+    voice's first utterance."""
+    lib = VoiceLibrary(tmp_path / "voices")
+    lib.add("primed", reference_clip(3.0), 24000, transcript=TEXT)
+    calls = []
+    original = engine.codec.streaming_decoder
+
+    def counting(context=None):
+        calls.append(context is not None)
+        return original(context=context)
+
+    monkeypatch.setattr(engine.codec, "streaming_decoder", counting)
+    voice = PromptCache(lib, engine).get("primed")
+    assert calls == [True]                                   # primed with the reference codes, once
+    from makima_tts.engine.types import GenerationSettings
+
+    chunks = list(engine.stream("Hello.", voice, "english", GenerationSettings.greedy_settings(max_frames=4)))
+    assert calls == [True] and len(chunks) >= 2              # the utterance forked the primed state
+    assert PromptCache(lib, engine).get("primed") is not voice and calls == [True, True]   # loaded from disk: primed

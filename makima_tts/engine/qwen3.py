@@ -243,6 +243,12 @@ class Qwen3Engine:
                              self._generator(settings.seed))
         yield from generate_frames(gen, prompt, max_frames, cancel, stats)
 
+    def prepare_voice(self, voice: VoicePrompt) -> VoicePrompt:
+        """Do a voice's one-time work now (run its reference codes through the codec), so that its
+        first utterance starts as fast as the next ones. Returns the same voice."""
+        self._streaming_decoder(voice)
+        return voice
+
     def _streaming_decoder(self, voice: VoicePrompt):
         """A codec stream primed with the voice's reference codes (ICL), forked from a primed state kept
         on the voice object: the reference frames are decoded once per voice, not once per utterance
