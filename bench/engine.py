@@ -285,6 +285,9 @@ def main() -> None:
         print(f"peer {peer['system']}: first audio on the voice's first use {fu['first_audio_incl_clone_s']} s "
               f"(clone {fu['clone_s']} s + first chunk {fu['ttfa_s']} s), second use {peer['ttfa_s']} s; "
               f"chunks of {peer['first_chunk_ms']} ms; not available: {'; '.join(peer['not_available'])}")
+    if peer and peer.get("many"):
+        print("peer several streams (synthesize_many): " + ", ".join(
+            f"{m['streams']}: {m['aggregate_audio_s_per_s']} audio s per wall s" for m in peer["many"]))
     for system in systems:
         b = results[system].get("batch") if isinstance(results[system], dict) else None
         if b:
@@ -334,6 +337,8 @@ def run_vox(args) -> dict:
         env = dict(os.environ, VOX_DEBUG_NO_EOS="1", OMP_NUM_THREADS=str(args.threads))
         cmd = [str(py), str(ROOT / "bench" / "vox_peer.py"), "--tmod", str(tmod), "--clip", str(clip_path),
                "--ref-text", REF_TEXT, "--text", TEXT, "--frames", str(args.frames), "--threads", str(args.threads)]
+        if args.batch:          # the peer's own several-streams path, same stream counts as ours
+            cmd += ["--many", ",".join(str(n) for n in sorted({1, 2, 4, 8, args.batch}) if n <= args.batch)]
         la = os.getloadavg()[0]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
