@@ -52,7 +52,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import InvalidAudio, InvalidInput, InvalidVoiceId, UnknownLanguage, VoiceExists, VoiceNotFound
+from .engine.types import check_language
+from .errors import InvalidAudio, InvalidInput, InvalidVoiceId, VoiceExists, VoiceNotFound
 
 log = logging.getLogger("makima_tts.voices")
 
@@ -532,7 +533,7 @@ class VoiceLibrary:
         seed = self._seeds.get(voice_id, {})
         name = _clean_text(name, "name", MAX_NAME_CHARS) or seed.get("name") or voice_id
         transcript = _clean_text(transcript, "transcript", MAX_TRANSCRIPT_CHARS)
-        language = _check_language(language if language not in (None, "") else seed.get("language", "auto"))
+        language = check_language(language if language not in (None, "") else seed.get("language", "auto"))
         if license is None:
             license = seed.get("license")
         if source_name is not None:
@@ -711,15 +712,6 @@ def _clean_text(value, what: str, limit: int) -> Optional[str]:
     if any(ord(c) < 32 and c not in "\n\t" for c in value):
         raise InvalidInput(f"{what} contains control characters")
     return value or None
-
-
-def _check_language(language) -> str:
-    from .engine.types import LANGUAGES
-
-    lang = str(language or "auto").strip().lower()
-    if lang not in LANGUAGES:
-        raise UnknownLanguage(f"unsupported language {language!r}; supported: {', '.join(LANGUAGES)}")
-    return lang
 
 
 # --------------------------------------------------------------------------- prompt cache

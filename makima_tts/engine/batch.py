@@ -42,8 +42,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import EmptyText, EngineUnavailable, VoiceNotFound
-from .generate import FrameGenerator, Prompt, build_prompt
+from ..errors import EngineUnavailable, VoiceNotFound
+from .generate import FrameGenerator, Prompt
 from .model import apply_rope, rope_tables
 from .qwen3 import Qwen3Engine
 from .sampling import apply_repetition_penalty, choose
@@ -331,22 +331,9 @@ class BatchedEngine:
     # ---- a stream, on the caller's thread -----------------------------------------------------
 
     def _request(self, text, voice, language, settings, cancel) -> _Stream:
-        from .qwen3 import _chat, _ref_chat, check_language
-
-        eng = self.engine
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        if not isinstance(voice, VoicePrompt):
-            raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
-        if not text or not text.strip():
-            raise EmptyText("the text to speak is empty")
-        lang = check_language(language)
-        text_ids = eng.tokenizer.encode(_chat(text.strip()))
-        ref_ids = (eng.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2] if voice.icl and voice.ref_text else None)
-        max_frames = settings.max_frames or eng.max_frames_for(len(text_ids) - 8)
-        with torch.inference_mode():
-            prompt = build_prompt(eng.talker, eng.ids, text_ids[:-5], voice, eng.ids.languages.get(lang), ref_ids)
-        gen = FrameGenerator(eng.talker, eng.ids, settings.talker, settings.predictor, eng._generator(settings.seed))
+        prompt, max_frames, gen = self.engine.plan(text, voice, language, settings)
         return _Stream(prompt=prompt, max_frames=max_frames, gen=gen, cancel=cancel)
 
     def _submit(self, s: _Stream) -> None:

@@ -19,14 +19,14 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..errors import EmptyText, InvalidAudio, UnknownLanguage
+from ..errors import EmptyText, InvalidAudio
 from .checkpoint import Checkpoint, fingerprint, load_into, load_tensors, parse_device, parse_dtype
 from .codec import Codec
-from .generate import FrameGenerator, SpecialIds, build_prompt, generate_frames
+from .generate import FrameGenerator, Prompt, SpecialIds, build_prompt, generate_frames
 from .model import Talker
 from .speaker import SpeakerEncoder
 from .tokenizer import TextTokenizer
-from .types import LANGUAGES, AudioChunk, CancelToken, GenerationSettings, SamplingParams, VoiceInfo, VoicePrompt
+from .types import AudioChunk, check_language, CancelToken, GenerationSettings, SamplingParams, VoiceInfo, VoicePrompt
 
 SAMPLE_RATE = 24000
 MIN_REF_SECONDS = 1.0
@@ -69,13 +69,6 @@ def prepare_reference(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 
         audio = soxr.resample(audio, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
     return audio
-
-
-def check_language(language: Optional[str]) -> str:
-    lang = (language or "auto").strip().lower()
-    if lang not in LANGUAGES:
-        raise UnknownLanguage(f"unknown language {language!r}; use one of: {', '.join(LANGUAGES)}")
-    return lang
 
 
 def decode_chunks(frames: Iterator[torch.Tensor], decoder, settings: GenerationSettings,
@@ -228,20 +221,26 @@ class Qwen3Engine:
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
                stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
         """Codec frames (16,) int64 as they are generated."""
+        prompt, max_frames, gen = self.plan(text, voice, language, settings or self.defaults)
+        yield from generate_frames(gen, prompt, max_frames, cancel, stats)
+
+    def plan(self, text: str, voice: VoicePrompt, language: str,
+             settings: GenerationSettings) -> tuple[Prompt, int, FrameGenerator]:
+        """Check the request and set up its generation: the talker prompt, the frame limit, and a
+        frame generator with the request's sampling settings and seed."""
         if not isinstance(voice, VoicePrompt):
             raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
         if not text or not text.strip():
             raise EmptyText("the text to speak is empty")
         lang = check_language(language)
-        settings = settings or self.defaults
         text_ids = self.tokenizer.encode(_chat(text.strip()))
         ref_ids = (self.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2] if voice.icl and voice.ref_text else None)
-        n_body = len(text_ids) - 8
-        max_frames = settings.max_frames or self.max_frames_for(n_body)
-        prompt = build_prompt(self.talker, self.ids, text_ids[:-5], voice, self.ids.languages.get(lang), ref_ids)
+        max_frames = settings.max_frames or self.max_frames_for(len(text_ids) - 8)
+        with torch.inference_mode():
+            prompt = build_prompt(self.talker, self.ids, text_ids[:-5], voice, self.ids.languages.get(lang), ref_ids)
         gen = FrameGenerator(self.talker, self.ids, settings.talker, settings.predictor,
                              self._generator(settings.seed))
-        yield from generate_frames(gen, prompt, max_frames, cancel, stats)
+        return prompt, max_frames, gen
 
     def prepare_voice(self, voice: VoicePrompt) -> VoicePrompt:
         """Do a voice's one-time work now (run its reference codes through the codec), so that its

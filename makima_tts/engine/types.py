@@ -18,6 +18,16 @@ LANGUAGES = ("auto", "english", "german", "spanish", "chinese", "japanese", "fre
              "russian", "italian", "portuguese")
 
 
+def check_language(language: Optional[str]) -> str:
+    """"auto" (also for None or "") or one of LANGUAGES, lower-cased; UnknownLanguage otherwise."""
+    from ..errors import UnknownLanguage
+
+    lang = str(language or "auto").strip().lower()
+    if lang not in LANGUAGES:
+        raise UnknownLanguage(f"unknown language {language!r}; use one of: {', '.join(LANGUAGES)}")
+    return lang
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings for one stage (the talker, or the code predictor)."""

@@ -14,8 +14,8 @@ from typing import Optional
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..audio import to_f32le, to_pcm16
-from ..engine.types import LANGUAGES
-from ..errors import InvalidInput, MakimaError, SessionTimeout, SynthesisError, UnknownLanguage
+from ..engine.types import check_language
+from ..errors import InvalidInput, MakimaError, SessionTimeout, SynthesisError
 from ..text import SentenceBuffer
 from .auth import websocket_key_ok
 from .protocol import Cancel, Flush, Speak, Start, Stop, Text, parse_message
@@ -44,15 +44,6 @@ class Utterance:
         self.cancelled = True
         if self.synth is not None:
             self.synth.cancel()
-
-
-def _check_language(language: Optional[str]) -> Optional[str]:
-    if language is None:
-        return None
-    lang = language.strip().lower()
-    if lang not in LANGUAGES:
-        raise UnknownLanguage(f"unknown language {language!r}; use one of: {', '.join(LANGUAGES)}")
-    return lang
 
 
 class Session:
@@ -149,7 +140,7 @@ class Session:
     async def _handle(self, msg) -> None:
         if isinstance(msg, Start):
             self.voice = msg.voice or None
-            self.language = _check_language(msg.language) or "auto"
+            self.language = check_language(msg.language)
             self.format = msg.format
             self.sample_rate = msg.sample_rate
             self.sampling = msg.sampling.model_dump(exclude_none=True) if msg.sampling else None
@@ -158,7 +149,8 @@ class Session:
             uid = msg.id or f"u{next(self._ids)}"
             try:
                 self.ctx.check_text(msg.text)
-                _check_language(msg.language)
+                if msg.language is not None:
+                    check_language(msg.language)
             except MakimaError as e:
                 e.utterance_id = uid
                 raise
