@@ -104,3 +104,13 @@ def test_no_engine_at_all_is_tts_unavailable(tmp_path, monkeypatch):
         assert r.status_code == 503 and "no Qwen3-TTS checkpoint" in r.json()["reason"]
         r = client.post("/v1/audio/speech", json={"input": "Hello.", "voice": "alloy"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "TTS_UNAVAILABLE"
+
+
+def test_http_errors_are_counted_by_code(tmp_path):
+    app = create_app(Settings(voices_dir=tmp_path), engine=FailingEngine())
+    with TestClient(app) as client:
+        assert client.post("/v1/audio/speech", json={"input": " ", "voice": "f"}).status_code == 400
+        assert client.post("/v1/audio/speech", json={"input": "hi", "voice": "nobody"}).status_code == 404
+        text = client.get("/metrics").text
+    assert 'makima_errors_total{code="EMPTY_TEXT"} 1.0' in text
+    assert 'makima_errors_total{code="VOICE_NOT_FOUND"} 1.0' in text

@@ -602,7 +602,9 @@ def _app(root: Path, engine=None, prompts=True, max_upload_bytes=2_000_000, api_
     lib = VoiceLibrary(root)
     settings = Settings(voices_dir=root, max_upload_bytes=max_upload_bytes, api_keys=list(api_keys))
     cache = PromptCache(lib, engine) if (engine is not None and prompts and engine.supports_cloning) else None
-    ctx = SimpleNamespace(settings=settings, library=lib, prompts=cache, engine=engine,
+    from makima_tts.server.metrics import Metrics
+
+    ctx = SimpleNamespace(settings=settings, library=lib, prompts=cache, engine=engine, metrics=Metrics(),
                           default_voice_info=lambda: {"voice_id": "makima", "reason": "test"})
     app = FastAPI()
     app.add_exception_handler(MakimaError, makima_error_handler)

@@ -165,6 +165,10 @@ class ServerContext:
         self.state = "ready"
         log.info("ready: engine %s (%s), because %s", engine.name, engine.model_id, reason)
 
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name if self.engine is not None else "none"
+
     def status(self) -> dict:
         out = {"ready": self.engine is not None, "state": self.state}
         if self.engine is not None:

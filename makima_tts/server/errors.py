@@ -27,6 +27,7 @@ def error_response(exc: Exception, status: int | None = None) -> JSONResponse:
 
 
 async def makima_error_handler(request: Request, exc: MakimaError) -> JSONResponse:
+    request.app.state.ctx.metrics.errors.labels(exc.code).inc()
     return error_response(exc)
 
 

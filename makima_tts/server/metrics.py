@@ -23,5 +23,17 @@ class Metrics:
         self.prompt_computations = Counter("makima_voice_prompt_computations_total",
                                            "Voice prompts computed (not loaded from cache)", registry=r)
 
+    def utterance(self, engine: str, outcome: str, stats=None) -> None:
+        """Count one utterance by outcome (ok, cancelled, error); for an ok one, observe its
+        time to first audio, real-time factor and audio seconds (server/stream.UtteranceStats)."""
+        self.utterances.labels(engine, outcome).inc()
+        if outcome != "ok" or stats is None:
+            return
+        if stats.ttfa_s is not None:
+            self.ttfa.observe(stats.ttfa_s)
+        if stats.rtf is not None:
+            self.rtf.observe(stats.rtf)
+        self.audio_seconds.inc(stats.audio_s)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,11 +53,9 @@ async def speech(body: SpeechRequest, request: Request):
         first = await audio.__anext__()
     except StopAsyncIteration:
         first = None
-    except BaseException as e:
+    except BaseException:
         await audio.aclose()
-        if isinstance(e, MakimaError):
-            ctx.metrics.errors.labels(e.code).inc()
-        raise
+        raise                  # a MakimaError is counted and answered by the app's error handler
 
     async def encoded():
         outcome = "cancelled"
@@ -76,7 +74,7 @@ async def speech(body: SpeechRequest, request: Request):
             raise
         finally:
             await audio.aclose()
-            _observe(ctx, synth, outcome)
+            ctx.metrics.utterance(ctx.engine_name, outcome, synth.stats)
 
     async def sse():
         n = 0
@@ -94,14 +92,3 @@ async def speech(body: SpeechRequest, request: Request):
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
     return StreamingResponse(encoded(), media_type=CONTENT_TYPES[fmt], headers=headers)
 
-
-def _observe(ctx, synth: Synthesis, outcome: str) -> None:
-    m = ctx.metrics
-    m.utterances.labels(ctx.engine.name if ctx.engine else "none", outcome).inc()
-    st = synth.stats
-    if outcome == "ok":
-        if st.ttfa_s is not None:
-            m.ttfa.observe(st.ttfa_s)
-        if st.rtf is not None:
-            m.rtf.observe(st.rtf)
-        m.audio_seconds.inc(st.audio_s)

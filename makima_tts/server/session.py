@@ -210,12 +210,12 @@ class Session:
             except _Gone:
                 return
             except MakimaError as e:
-                self.ctx.metrics.utterances.labels(self._engine_name(), "error").inc()
+                self.ctx.metrics.utterance(self.ctx.engine_name, "error")
                 if not utt.cancelled:
                     await self.send_error(e, id=utt.id)
             except Exception as e:   # a bug must not kill the session
                 log.exception("utterance %s failed", utt.id)
-                self.ctx.metrics.utterances.labels(self._engine_name(), "error").inc()
+                self.ctx.metrics.utterance(self.ctx.engine_name, "error")
                 await self.send_error(SynthesisError(f"synthesis failed: {type(e).__name__}: {e}"), id=utt.id)
             finally:
                 self.current = None
@@ -240,25 +240,15 @@ class Session:
                 await self.send_bytes(encode(pcm), utt)
         finally:
             await agen.aclose()
-        metrics = self.ctx.metrics
-        if utt.cancelled:
-            metrics.utterances.labels(self._engine_name(), "cancelled").inc()
-            return
         st = synth.stats
+        self.ctx.metrics.utterance(self.ctx.engine_name, "cancelled" if utt.cancelled else "ok", st)
+        if utt.cancelled:
+            return
         if not started:
             await self.send({"type": "audio_start", "id": utt.id, "voice": st.voice})
-        metrics.utterances.labels(self._engine_name(), "ok").inc()
-        if st.ttfa_s is not None:
-            metrics.ttfa.observe(st.ttfa_s)
-        if st.rtf is not None:
-            metrics.rtf.observe(st.rtf)
-        metrics.audio_seconds.inc(st.audio_s)
         await self.send({"type": "audio_end", "id": utt.id, "audio_ms": round(st.audio_s * 1000, 1),
                          "ttfa_ms": None if st.ttfa_s is None else round(st.ttfa_s * 1000, 1),
                          "rtf": None if st.rtf is None else round(st.rtf, 3)})
-
-    def _engine_name(self) -> str:
-        return self.ctx.engine.name if self.ctx.engine is not None else "none"
 
     # ------------------------------------------------------------------ sending
 
