@@ -43,7 +43,8 @@ def reference_model(tiny_checkpoint):
 def engine(tiny_checkpoint):
     from makima_tts.engine.qwen3 import Qwen3Engine
 
-    return Qwen3Engine.load(tiny_checkpoint)
+    # float32 weights: the parity tests compare with the reference package's float model
+    return Qwen3Engine.load(tiny_checkpoint, quantize="none")
 
 
 @pytest.fixture(scope="session")

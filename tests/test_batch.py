@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from makima_tts.engine.batch import BatchedEngine
+from makima_tts.engine.generate import FrameGenerator
 from makima_tts.engine.types import CancelToken, GenerationSettings, SamplingParams
 from makima_tts.errors import EmptyText, EngineUnavailable, UnknownLanguage, VoiceNotFound
 
@@ -137,19 +138,21 @@ class EosAt(BatchedEngine):
 
     def __init__(self, engine, text, frames, **kw):
         super().__init__(engine, **kw)
-        self.eos_text, self.eos_frames = text, frames
+        marked = self.marked = set()
+
+        class Gen(FrameGenerator):
+            def choose_code0(self, row, logits):
+                if id(row) in marked and len(row.history) >= frames:
+                    return torch.tensor([self.ids.codec_eos])
+                return super().choose_code0(row, logits)
+
+        self.generator_class = Gen
+        self.eos_text = text
 
     def _request(self, text, *args):
         s = super()._request(text, *args)
         if text == self.eos_text:
-            choose, eos = s.gen._choose_code0, s.gen.ids.codec_eos
-
-            def patched(logits, history):
-                if len(history) >= self.eos_frames:
-                    return torch.tensor([eos])
-                return choose(logits, history)
-
-            s.gen._choose_code0 = patched
+            self.marked.add(id(s))
         return s
 
 

@@ -21,7 +21,9 @@ MAX_NEW_TOKENS = 40        # the reference yields MAX_NEW_TOKENS - 1 frames when
 
 # Waveform bounds, measured on the tiny checkpoint (float32): the reference decodes the
 # reference codes and the new codes in one pass and cuts; we decode frame by frame.
-WAVE_MAX_ABS = 1e-3
+# measured 6.7e-4 on an AMD EPYC (AVX2) and 1.01e-3 on an Intel Xeon with AMX (same codes; the float
+# kernels differ): the bound leaves room for both, the SNR bound below is the finer check
+WAVE_MAX_ABS = 2e-3
 WAVE_MIN_SNR_DB = 60.0
 
 

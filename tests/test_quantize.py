@@ -71,9 +71,9 @@ def test_logits_close_to_float(engine, qengine):
     def run(e):
         t, cp = e.talker, e.talker.code_predictor
         with torch.inference_mode():
-            logits, hidden = t(x, 0, t.model.new_cache(1, 32))
+            logits, hidden = t(x, torch.arange(20)[None], t.model.new_cache(1, 32))
             first = torch.cat([hidden, t.embed_codec(logits.argmax(-1)[:, None])], dim=1)
-            return logits, cp.logits(first, 0, 1, cp.model.new_cache(1, 17))
+            return logits, cp.logits(first, torch.arange(2)[None], 1, cp.model.new_cache(1, 17))
 
     for ref, ours in zip(run(engine), run(qengine)):
         assert float((ours - ref).norm() / ref.norm()) < MAX_LOGIT_REL_ERR[qengine.quantize]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -153,3 +154,220 @@ class Checkpoint:
         gen_path = folder / "generation_config.json"
         generation_config = read_json(gen_path) if gen_path.is_file() else {}
         return cls(folder=folder, config=config, generation_config=generation_config)
+
+
+# ------------------------------------------------------------------------------------------------
+# The talker, built without float copies: modules on the meta device, tensors read one at a time
+# (memory-mapped), quantized as they stream in; the quantized result cached for the next start.
+
+def _quantized_path(name: str) -> bool:
+    """The per-frame linear layers (talker layers, code predictor, codec head) get int8 weights;
+    embeddings and the text projection (run once per token of the prompt) stay float."""
+    return name.startswith(("model.layers.", "code_predictor.", "codec_head"))
+
+
+def _set_tensor(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+    else:
+        module._buffers[name] = t
+
+
+def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quantize: str,
+                cache_dir: Optional[Path] = None) -> tuple["torch.nn.Module", str, str]:
+    """The talker of `ck` on `device`, float layers in `dtype`, per-frame linears in `quantize`
+    ("none", "int8", "int8-dynamic"). -> (talker, the quantization used, where the weights came from:
+    "checkpoint" or "cache").
+
+    The 151k-row text embedding stays memory-mapped from the checkpoint in its stored dtype (only
+    the rows a prompt looks up are ever read). With "int8" and a `cache_dir`, the quantized weights
+    are written there once (safetensors, atomically, named by the checkpoint's fingerprint and the
+    kernel's layout) and memory-mapped on the next start."""
+    from . import quant
+    from .model import Talker, checkpoint_names
+
+    if quantize == "int8" and quant.kernel() is None:
+        quantize = "int8-dynamic"
+    cache = None
+    if quantize == "int8" and cache_dir is not None and device.type == "cpu":
+        cache = QuantCache(Path(cache_dir), fingerprint(ck.folder), dtype)
+    with torch.device("meta"):
+        talker = Talker(ck.config)
+    path = ck.folder / "model.safetensors"
+    source = "checkpoint"
+    try:
+        with safe_open_checked(path) as f:
+            names = set(f.keys())
+
+            def read(name: str) -> torch.Tensor:
+                parts = checkpoint_names("talker." + name)
+                missing = [p for p in parts if p not in names]
+                if missing:
+                    raise CheckpointError(f"talker: tensor {missing[0]} is missing from the checkpoint")
+                ts = [f.get_tensor(p) for p in parts]
+                return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+            text_embedding = read("model.text_embedding.weight")
+            stored = cache.load() if cache is not None else None
+            if stored is not None:
+                _assign_quantized(talker, stored, device)
+                source = "cache"
+            else:
+                _stream_in(talker, read, device, dtype, quantize)
+                if cache is not None:
+                    cache.save(talker)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    # kept memory-mapped, as stored (bfloat16 on the hub): Talker.embed_text casts the looked-up rows
+    talker.model.text_embedding.weight = torch.nn.Parameter(text_embedding.to(device), requires_grad=False)
+    return talker.eval(), quantize, source
+
+
+def _check_shape(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(ref.shape):
+        raise CheckpointError(f"talker: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
+
+
+def _stream_in(talker, read, device, dtype, quantize: str) -> None:
+    """Fill the meta-device talker from the checkpoint, one tensor at a time; linears on the per-frame
+    path are quantized as they come in (only one float matrix exists at a time)."""
+    from . import quant
+
+    for mod_name, module in list(talker.named_modules()):
+        prefix = mod_name + "." if mod_name else ""
+        if quantize != "none" and isinstance(module, torch.nn.Linear) and _quantized_path(mod_name):
+            w = read(prefix + "weight").float()
+            _check_shape(prefix + "weight", w, module.weight)
+            lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+            if module.bias is not None:
+                lin.bias = torch.nn.Parameter(read(prefix + "bias").float(), requires_grad=False)
+            parent_name, _, attr = mod_name.rpartition(".")
+            setattr(talker.get_submodule(parent_name) if parent_name else talker, attr,
+                    quant.quantize_linear(lin, quantize))
+            continue
+        for name, ref in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if ref.device.type != "meta" or prefix + name == "model.text_embedding.weight":
+                continue
+            t = read(prefix + name)
+            _check_shape(prefix + name, t, ref)
+            # a copy in the float dtype: a tensor kept from the mapped file would pin its pages
+            t = t.to(device=device, dtype=dtype, copy=True) if t.is_floating_point() else t.to(device, copy=True)
+            _set_tensor(module, name, t)
+
+
+def _assign_quantized(talker, stored: dict, device) -> None:
+    """Put the cached tensors (memory-mapped) into the meta-device talker: Int8Linear modules where the
+    cache holds qweight/scales, plain tensors elsewhere."""
+    from . import quant
+
+    for mod_name, module in list(talker.named_modules()):
+        prefix = mod_name + "." if mod_name else ""
+        if isinstance(module, torch.nn.Linear) and prefix + "qweight" in stored:
+            new = quant.Int8Linear(module.in_features, module.out_features, stored[prefix + "qweight"],
+                                   stored[prefix + "scales"], stored.get(prefix + "bias"))
+            parent_name, _, attr = mod_name.rpartition(".")
+            setattr(talker.get_submodule(parent_name) if parent_name else talker, attr, new)
+            continue
+        for name, ref in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if ref.device.type != "meta" or prefix + name == "model.text_embedding.weight":
+                continue
+            t = stored.get(prefix + name)
+            if t is None or tuple(t.shape) != tuple(ref.shape):
+                raise CheckpointError(f"quantized weights cache: {prefix + name} missing or of the wrong shape")
+            _set_tensor(module, name, t.to(device))
+
+
+class safe_open_checked:
+    """safetensors' safe_open as a context manager that keeps the file mapped for the tensors read from it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        from safetensors import safe_open
+
+        try:
+            self.f = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{self.path} is not a readable safetensors file ({exc})") from exc
+        return self.f.__enter__()
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+class QuantCache:
+    """Quantized talker weights of one checkpoint, stored once and memory-mapped afterwards.
+
+    One safetensors file per (checkpoint fingerprint, format, dtype, kernel layout), written to a
+    temporary name, fsynced and renamed (a crash leaves no half file under the real name). The
+    metadata repeats the key and a CRC32 per tensor: a file that does not match (stale key,
+    truncated, bytes changed) is deleted and rebuilt, never used."""
+
+    FORMAT = "int8-b32"
+
+    def __init__(self, folder: Path, checkpoint_fingerprint: str, dtype: torch.dtype):
+        from .quant import KERNEL_VERSION
+
+        self.folder = folder
+        self.key = {"format": self.FORMAT, "fingerprint": checkpoint_fingerprint,
+                    "dtype": str(dtype).replace("torch.", ""), "kernel": KERNEL_VERSION}
+        self.path = folder / f"talker-{checkpoint_fingerprint}-{self.FORMAT}-{self.key['dtype']}-{KERNEL_VERSION}.safetensors"
+
+    def load(self) -> Optional[dict]:
+        """The cached tensors (memory-mapped), or None when there is no valid file (an invalid one is removed)."""
+        import logging
+        import zlib
+
+        from safetensors import safe_open
+
+        if not self.path.is_file():
+            return None
+        log = logging.getLogger(__name__)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if any(meta.get(k) != v for k, v in self.key.items()):
+                    raise ValueError("it was made for another checkpoint, format or kernel")
+                crcs = json.loads(meta.get("crc32", "{}"))
+                out = {}
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if zlib.crc32(t.contiguous().view(torch.uint8).numpy()) != crcs.get(name):
+                        raise ValueError(f"checksum mismatch in {name}")
+                    out[name] = t
+                if set(crcs) != set(out):
+                    raise ValueError("tensors are missing")
+            return out
+        except Exception as exc:             # corrupt, truncated, stale: rebuild
+            log.warning("quantized weights cache %s is not usable (%s); rebuilding it", self.path.name, exc)
+            self.path.unlink(missing_ok=True)
+            return None
+
+    def save(self, talker) -> None:
+        import logging
+        import tempfile
+        import zlib
+
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous() for k, v in talker.state_dict().items()
+                   if k != "model.text_embedding.weight"}
+        crcs = {k: zlib.crc32(v.view(torch.uint8).numpy()) for k, v in tensors.items()}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".safetensors")
+            os.close(fd)
+            try:
+                save_file(tensors, tmp, metadata={**self.key, "crc32": json.dumps(crcs)})
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:              # a read-only cache folder costs the next start time, nothing else
+            logging.getLogger(__name__).warning("could not write the quantized weights cache (%s)", exc)

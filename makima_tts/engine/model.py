@@ -5,11 +5,14 @@ SwiGLU) that reads text and codec embeddings and predicts codebook 0 of each 80 
 frame. The code predictor is a small decoder of the same kind that, given the
 talker's last hidden state and codebook 0, predicts codebooks 1..15 one by one.
 
-Module and parameter names mirror the official checkpoint so that
-`load_state_dict` takes the tensors of model.safetensors as they are.
+Module and parameter names mirror the official checkpoint, except that q/k/v and
+gate/up are fused into one projection each (`checkpoint_names` maps them back; the
+loader in weights.py stacks the parts as it reads them).
 
-Both use static KV caches: `prefill` writes positions [0, n), `step` writes one
-position; nothing is allocated per token besides the small activations.
+Batch-first, gpt-fast style: every forward pass takes embeddings (b, t, hidden), their
+positions (b, t) as a tensor, and the cache rows it writes. The KV cache is written by
+index, so a prefill (one row, t positions), a frame step of many streams (b rows, each at
+its own position) and joiners' prefills padded to one length are the same forward pass.
 
 The talker's rotary embedding is "interleaved M-RoPE" with three position
 streams (time, height, width). For speech every stream carries the same
@@ -18,6 +21,8 @@ position, so it reduces exactly to ordinary RoPE; that is what runs here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,22 +68,47 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values for positions [0, max_len) of one layer: (batch, kv_heads, max_len, head_dim)."""
+    """Keys and values of one layer for `rows` sequences: (rows, kv_heads, length, head_dim).
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, kv_heads, max_len, head_dim)
+    Written by index: row r's keys for positions p land at [r, :, p], so rows at different
+    positions (streams of a batch) and many positions at once (a prefill) go through the same
+    `update`. What a row has not written yet is never read: attention masks keys beyond each
+    query's own position."""
+
+    def __init__(self, rows: int, kv_heads: int, length: int, head_dim: int, dtype, device):
+        shape = (rows, kv_heads, length, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
+    def update(self, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (b, kv_heads, t, d) of rows `rows` at positions (b, t) -> the keys/values [0, top) of those rows."""
+        kc, vc = self.k[rows], self.v[rows]
+        b, t = positions.shape
+        if t == 1:
+            r = torch.arange(b, device=k.device)
+            kc[r, :, positions[:, 0]] = k[:, :, 0]
+            vc[r, :, positions[:, 0]] = v[:, :, 0]
+        else:
+            r = torch.arange(b, device=k.device)[:, None]
+            kc[r, :, positions] = k.transpose(1, 2)
+            vc[r, :, positions] = v.transpose(1, 2)
+        return kc[:, :, :top], vc[:, :, :top]
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def resize(self, rows: int, length: int) -> None:
+        old_rows, old_len = self.k.shape[0], self.k.shape[2]
+        shape = (rows, self.k.shape[1], length, self.k.shape[3])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            fresh = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            r, n = min(rows, old_rows), min(length, old_len)
+            fresh[:r, :, :n] = old[:r, :, :n]
+            setattr(self, name, fresh)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `src`'s first `length` positions into row `dst` (a leaving row's slot is refilled)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 def rope_tables(head_dim: int, theta: float, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,87 +120,65 @@ def rope_tables(head_dim: int, theta: float, max_len: int, device) -> tuple[torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (b, heads, t, d); cos/sin: (t, d) already in x's dtype
+    # x: (b, heads, t, d); cos/sin: (b, 1, t, d) already in x's dtype
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
+@dataclass
+class Step:
+    """Where one forward pass writes and what it may read, shared by every layer.
+
+    rows: the cache rows of the batch (contiguous); positions (b, t): each token's position;
+    cos/sin (b, 1, t, head_dim); mask (b, 1, t, top): key j is visible to a query at position p
+    when j <= p; top: keys [0, top) are read."""
+
+    rows: slice
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    top: int
+
+
 class Attention(nn.Module):
+    """GQA attention with q/k norms and RoPE; q, k, v are one fused projection (see `fuse_checkpoint`)."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.split = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.split), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-        self.qkv_proj: nn.Module | None = None      # set by fuse()
-        self.split = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
-
-    def fuse(self) -> None:
-        """One matrix-vector product for q, k and v instead of three (after the checkpoint is loaded)."""
-        if self.qkv_proj is not None:
-            return
-        fused = nn.Linear(self.q_proj.in_features, sum(self.split), bias=False,
-                          dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
-        self.qkv_proj = fused
-        del self.q_proj, self.k_proj, self.v_proj
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int):
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.cfg.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = self.q_norm(q.view(b, t, -1, d)).transpose(1, 2)
         k = self.k_norm(k.view(b, t, -1, d)).transpose(1, 2)
         v = v.view(b, t, -1, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = cache.write(start, k, v)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=(t > 1 and start == 0),
-                                             attn_mask=_prefix_causal_mask(t, start, x.device)
-                                             if (t > 1 and start > 0) else None,
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        k_all, v_all = cache.update(step.rows, step.positions, k, v, step.top)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.mask,
                                              enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def _prefix_causal_mask(t: int, start: int, device) -> torch.Tensor:
-    """Boolean mask for t new queries at positions [start, start+t) over keys [0, start+t)."""
-    q_pos = torch.arange(start, start + t, device=device)[:, None]
-    k_pos = torch.arange(start + t, device=device)[None, :]
-    return k_pos <= q_pos
-
-
 class MLP(nn.Module):
+    """SwiGLU; gate and up are one fused projection (see `fuse_checkpoint`)."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # set by fuse()
-
-    def fuse(self) -> None:
-        """gate and up as one matrix (after the checkpoint is loaded)."""
-        if self.gate_up_proj is not None:
-            return
-        g = self.gate_proj
-        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=False, dtype=g.weight.dtype, device=g.weight.device)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([g.weight, self.up_proj.weight]))
-        self.gate_up_proj = fused
-        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -181,24 +189,58 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, start: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Cache:
-    """The per-utterance state of one decoder: a KVCache per layer and RoPE tables for max_len positions.
+    """The state of one decoder for a batch of rows: a KVCache per layer and RoPE tables.
 
-    Kept outside the modules so several utterances can run on one model at once.
-    """
+    Kept outside the modules so that several batches (or utterances) can share one model.
+    `reserve` grows rows and length on demand (existing rows keep their keys)."""
 
-    def __init__(self, decoder: "Decoder", batch: int, max_len: int):
-        cfg, p = decoder.cfg, decoder.norm.weight
-        self.layers = [KVCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, p.dtype, p.device)
-                       for _ in range(cfg.num_layers)]
-        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_len, p.device)
-        self.cos, self.sin = cos.to(p.dtype), sin.to(p.dtype)
-        self.max_len = max_len
+    def __init__(self, decoder: "Decoder", rows: int, length: int):
+        self.cfg = decoder.cfg
+        p = decoder.norm.weight
+        self.dtype, self.device = p.dtype, p.device
+        self.rows = self.length = 0
+        self.layers: list[KVCache] = []
+        self.cos = self.sin = torch.empty(0)
+        self.reserve(rows, length)
+
+    def reserve(self, rows: int, length: int) -> None:
+        if rows <= self.rows and length <= self.length:
+            return
+        cfg = self.cfg
+        new_rows = max(rows, self.rows)
+        new_len = self.length
+        if length > self.length:
+            new_len = -(-max(length, int(self.length * 1.5)) // 64) * 64
+            cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, new_len, self.device)
+            self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        if not self.layers:
+            self.layers = [KVCache(new_rows, cfg.num_kv_heads, new_len, cfg.head_dim, self.dtype, self.device)
+                           for _ in range(cfg.num_layers)]
+        else:
+            for kv in self.layers:
+                kv.resize(new_rows, new_len)
+        self.rows, self.length = new_rows, new_len
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for kv in self.layers:
+            kv.move(src, dst, length)
+
+    def step(self, rows: slice, positions: torch.Tensor) -> Step:
+        """The per-pass tables for rows `rows` writing `positions` (b, t) (grows the cache as needed)."""
+        top = int(positions.max()) + 1
+        self.reserve(rows.stop, top)
+        b, t = positions.shape
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        keys = torch.arange(top, device=positions.device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        return Step(rows=rows, positions=positions, cos=cos, sin=sin, mask=mask, top=top)
 
 
 class Decoder(nn.Module):
@@ -210,23 +252,17 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def fuse(self) -> None:
-        """Fuse q/k/v and gate/up in every layer (parameter names then no longer match the checkpoint)."""
-        for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+    def new_cache(self, rows: int, length: int) -> Cache:
+        return Cache(self, rows, length)
 
-    def new_cache(self, batch: int, max_len: int) -> Cache:
-        return Cache(self, batch, max_len)
-
-    def forward(self, x: torch.Tensor, start: int, cache: Cache) -> torch.Tensor:
-        """x: (b, t, hidden) embeddings for positions [start, start+t) -> normed hidden states."""
-        t = x.shape[1]
-        if start + t > cache.max_len:
-            raise RuntimeError(f"sequence of {start + t} positions exceeds the cache of {cache.max_len}")
-        cos, sin = cache.cos[start:start + t], cache.sin[start:start + t]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                rows: Optional[slice] = None) -> torch.Tensor:
+        """x (b, t, hidden) embeddings at positions (b, t), written to cache rows `rows` (default
+        [0, b)) -> normed hidden states (b, t, hidden)."""
+        rows = rows if rows is not None else slice(0, x.shape[0])
+        step = cache.step(rows, positions)
         for layer, kv in zip(self.layers, cache.layers):
-            x = layer(x, cos, sin, kv, start)
+            x = layer(x, step, kv)
         return self.norm(x)
 
 
@@ -265,9 +301,9 @@ class CodePredictor(nn.Module):
         self.small_to_mtp_projection = (nn.Linear(talker_hidden, cfg.hidden_size, bias=True)
                                         if cfg.hidden_size != talker_hidden else nn.Identity())
 
-    def logits(self, embeds: torch.Tensor, start: int, group: int, cache: Cache) -> torch.Tensor:
-        """embeds (b, t, talker_hidden) at positions [start, start+t) -> logits of codebook `group` (b, vocab)."""
-        h = self.model(self.small_to_mtp_projection(embeds), start, cache)
+    def logits(self, embeds: torch.Tensor, positions: torch.Tensor, group: int, cache: Cache) -> torch.Tensor:
+        """embeds (b, t, talker_hidden) at positions (b, t) -> logits of codebook `group` (b, vocab)."""
+        h = self.model(self.small_to_mtp_projection(embeds), positions, cache)
         return self.lm_head[group - 1](h[:, -1])
 
 
@@ -298,15 +334,9 @@ class Talker(nn.Module):
         """The activations' dtype (embeddings and norms stay in it when the linear layers are int8)."""
         return self.model.codec_embedding.weight.dtype
 
-    def fuse(self) -> "Talker":
-        """Fused q/k/v and gate/up projections in the talker and the code predictor (call after loading)."""
-        self.model.fuse()
-        self.code_predictor.model.fuse()
-        return self
-
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text token ids (b, t) -> projected text embeddings (b, t, hidden)."""
-        return self.text_projection(self.model.text_embedding(ids))
+        return self.text_projection(self.model.text_embedding(ids).to(self.dtype))
 
     def embed_codec(self, ids: torch.Tensor) -> torch.Tensor:
         """Codebook-0 / control ids (b, t) -> (b, t, hidden)."""
@@ -318,8 +348,25 @@ class Talker(nn.Module):
         parts += [self.code_predictor.model.codec_embedding[g - 1](codes[..., g]) for g in range(1, codes.shape[-1])]
         return torch.stack(parts, dim=-2).sum(-2)
 
-    def forward(self, embeds: torch.Tensor, start: int, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds (b, t, hidden) at [start, start+t) -> (logits of the last position (b, vocab), last hidden (b, 1, hidden))."""
-        h = self.model(embeds, start, cache)
-        last = h[:, -1:]
-        return self.codec_head(last[:, 0]), last
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache, rows: Optional[slice] = None,
+                last: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds (b, t, hidden) at positions (b, t) -> (logits (b, vocab), hidden (b, 1, hidden)) of each
+        row's last real token: index `last` (b,) when rows are padded to a common length, else t - 1."""
+        h = self.model(embeds, positions, cache, rows)
+        if last is None:
+            h = h[:, -1:]
+        else:
+            h = h[torch.arange(h.shape[0], device=h.device), last].unsqueeze(1)
+        return self.codec_head(h[:, 0]), h
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def checkpoint_names(name: str) -> tuple[str, ...]:
+    """The official checkpoint's tensor names behind one of our parameters: a fused projection's
+    weight is its parts' weights stacked along the outputs (q, k, v and gate, up)."""
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return tuple(name.replace(f".{fused}.", f".{p}.") for p in parts)
+    return (name,)

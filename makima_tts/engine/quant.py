@@ -17,8 +17,10 @@ Two backends, both measured by bench/engine.py:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -29,171 +31,14 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32          # weights per scale
 GROUP = 512         # the kernel's fast path: in_features a multiple of 512 (else a plain C++ loop)
-PREFILL_ROWS = 16   # more activation rows than this (prefill): dequantize and use torch's float matrix product
-QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
+KERNEL_ROWS = 16    # activation rows per kernel call (its fast path takes up to 16)
+PREFILL_ROWS = 64   # more activation rows than this (prefill): dequantize and use torch's float matrix product
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int8-dynamic")
 
-_CPP = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <algorithm>
-#include <cmath>
-#include <vector>
-
-// out (M, N) = x (M, K) . dequant(w, s)^T with w (N, K) int8 and s (N, K / 32) float32, one scale per
-// block of 32 consecutive weights of a row.
-//
-// Fast path (AVX-512 VNNI, K % 512 == 0, up to 16 activation rows, e.g. batched streams): within each group of 512 weights
-// (16 blocks) w is stored permuted so that lane i of a 16-lane int32 multiply-add accumulates block
-// i: position (j * 16 + i) * P + p holds weight 32 * i + P * j + p of the group, P = 2: the
-// activations are rounded to int16 with one scale per row (relative error ~1e-5, so the error is the
-// weights' rounding alone) and one vpdpwssd adds two products of each of the 16 blocks; 16 of them
-// complete a group. Then one convert and one fused multiply-add with the 16 block scales per group.
-// Other shapes (prefill, small models, no VNNI): each weight row dequantized once into an L1 buffer and
-// dotted with every float32 activation row (exact activations).
-
-static inline int64_t perm(int64_t k, int64_t K, int64_t P) {   // natural index -> stored index
-    if (K % 512) return k;
-    int64_t g = k / 512, r = k % 512, i = r / 32, t = r % 32, j = t / P, p = t % P;
-    return g * 512 + (j * 16 + i) * P + p;
-}
-
-static inline int64_t block_of_stored(int64_t k, int64_t K, int64_t P) {
-    if (K % 512) return k / 32;
-    return (k / 512) * 16 + (k % (16 * P)) / P;
-}
-
-torch::Tensor permute_k(torch::Tensor w, int64_t P) {          // (N, K) natural -> stored order
-    const int64_t K = w.size(1);
-    auto idx = torch::empty({K}, torch::kLong);
-    auto ip = idx.data_ptr<int64_t>();
-    for (int64_t k = 0; k < K; ++k) ip[perm(k, K, P)] = k;
-    return w.index_select(1, idx).contiguous();
-}
-
-static void general(const float* xp, const int8_t* wp, const float* sp, float* op, int64_t M, int64_t N,
-                    int64_t K, int64_t P) {
-    const int64_t nb = K / 32;
-    std::vector<float> xperm(M * K);
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) xperm[m * K + perm(k, K, P)] = xp[m * K + k];
-    std::vector<int64_t> blk(K);
-    for (int64_t k = 0; k < K; ++k) blk[k] = block_of_stored(k, K, P);
-    const float* xq = xperm.data();
-    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-        std::vector<float> buf(K);
-        float* bp = buf.data();
-        for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* wr = wp + n * K;
-            const float* sr = sp + n * nb;
-            for (int64_t k = 0; k < K; ++k) bp[k] = float(wr[k]) * sr[blk[k]];
-            for (int64_t m = 0; m < M; ++m) {
-                const float* xr = xq + m * K;
-                float acc[16] = {0};
-                for (int64_t k = 0; k < K; k += 16)
-                    for (int l = 0; l < 16; ++l) acc[l] += bp[k + l] * xr[k + l];
-                float t = 0.f;
-                for (int l = 0; l < 16; ++l) t += acc[l];
-                op[m * N + n] = t;
-            }
-        }
-    });
-}
-
-torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Tensor out) {
-    // -> out: float32 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in a VM)
-    TORCH_CHECK(P == 2);
-    const int64_t N = w.size(0), K = w.size(1), nb = K / 32;
-    TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K);
-    const int8_t* wp = w.data_ptr<int8_t>();
-    const float* sp = s.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        std::vector<int8_t> nat(K);
-        for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* wr = wp + n * K;
-            if (K % 512 == 0) {               // undo the permutation: a 16 x 16 transpose of 2-byte pairs
-                const int16_t* src = (const int16_t*)wr;
-                int16_t* dst = (int16_t*)nat.data();
-                for (int64_t g = 0; g < K / 2; g += 256)
-                    for (int i = 0; i < 16; ++i)
-                        for (int j = 0; j < 16; ++j) dst[g + i * 16 + j] = src[g + j * 16 + i];
-            } else {
-                std::copy(wr, wr + K, nat.begin());
-            }
-            float* orow = op + n * K;
-            const float* sr = sp + n * nb;
-            for (int64_t b = 0; b < nb; ++b)
-                for (int t = 0; t < 32; ++t) orow[b * 32 + t] = float(nat[b * 32 + t]) * sr[b];
-        }
-    });
-    return out;
-}
-
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kInt8 && s.dtype() == torch::kFloat32);
-    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous() && s.is_contiguous());
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32, P = 2;
-    TORCH_CHECK(w.size(1) == K && K % 32 == 0 && s.size(0) == N && s.size(1) == nb);
-    auto out = torch::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const int8_t* wp = w.data_ptr<int8_t>();
-    const float* sp = s.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (M <= 16 && K % 512 == 0) {
-        // activations -> int16 (one scale per row), then pairs moved to the stored order: the 16 x 16
-        // int32 transpose (block i, pair j) -> (pair j, block i) within each group of 512
-        std::vector<int16_t> xn(K), xq(M * K);
-        std::vector<float> xs(M);
-        const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-        for (int64_t m = 0; m < M; ++m) {
-            const float* xr = xp + m * K;
-            __m512 mx = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xr + k), absmask));
-            const float amax = _mm512_reduce_max_ps(mx);
-            const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-            const __m512 inv = _mm512_set1_ps(1.f / scale);
-            xs[m] = scale;
-            for (int64_t k = 0; k < K; k += 16)      // round to nearest even, as nearbyint
-                _mm256_storeu_si256((__m256i*)(xn.data() + k),
-                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
-            const int32_t* src = (const int32_t*)xn.data();
-            int32_t* dst = (int32_t*)(xq.data() + m * K);
-            for (int64_t g = 0; g < K / 2; g += 256)
-                for (int i = 0; i < 16; ++i)
-                    for (int j = 0; j < 16; ++j) dst[g + j * 16 + i] = src[g + i * 16 + j];
-        }
-        const int16_t* xqp = xq.data();
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            for (int64_t n = n0; n < n1; ++n) {
-                const int8_t* wr = wp + n * K;
-                const float* sr = sp + n * nb;
-                for (int64_t m = 0; m < M; ++m) {
-                    const int16_t* xr = xqp + m * K;
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t g = 0; g < K; g += 512) {
-                        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-                        for (int64_t j = 0; j < 512; j += 64) {
-                            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + j)));
-                            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + j + 32)));
-                            a0 = _mm512_dpwssd_epi32(a0, w0, _mm512_loadu_si512((const void*)(xr + g + j)));
-                            a1 = _mm512_dpwssd_epi32(a1, w1, _mm512_loadu_si512((const void*)(xr + g + j + 32)));
-                        }
-                        __m512 blocks = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-                        acc = _mm512_fmadd_ps(blocks, _mm512_loadu_ps(sr + g / 32), acc);
-                    }
-                    op[m * N + n] = _mm512_reduce_add_ps(acc) * xs[m];
-                }
-            }
-        });
-        return out;
-    }
-#endif
-    general(xp, wp, sp, op, M, N, K, P);
-    return out;
-}
-"""
+_SOURCE = Path(__file__).parent / "csrc" / "int8_linear.cpp"
+# the build (and the stored weight layout) is named by the source's hash: an edit rebuilds it and
+# invalidates quantized weights cached with an older layout
+KERNEL_VERSION = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
 
 _ext = None
 _ext_error: Optional[str] = None
@@ -210,15 +55,15 @@ def kernel():
                 import shutil
                 import sys
 
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import load
 
                 # the `ninja` wheel installs its binary beside this interpreter, which may not be on PATH
                 here = os.path.dirname(sys.executable)
                 if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
                     os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
-                _ext = load_inline(name="makima_int8_linear_v11", cpp_sources=_CPP, functions=["int8_linear", "permute_k", "dequantize"],
-                                   extra_cflags=["-O3", "-march=native"], verbose=False)
+                _ext = load(name=f"makima_int8_linear_{KERNEL_VERSION}", sources=[str(_SOURCE)],
+                            extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
                 log.warning("int8 kernel unavailable (%s); using torch dynamic quantization", _ext_error)
@@ -254,18 +99,25 @@ class Int8Linear(nn.Module):
 
     The kernel rounds the activations to int16 (one scale per row), so the error is the weights'
     rounding alone. `qweight` is stored in the kernel's order (permuted within groups of 512
-    inputs); `dequantized()` gives the float weight in natural order."""
+    inputs); `dequantized()` gives the float weight in natural order. The module owns how rows
+    are fed to the kernel: up to KERNEL_ROWS rows per call (its fast path), and above
+    PREFILL_ROWS (a prompt) the weights dequantized once for a float matrix product."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, s = quantize_blocks(linear.weight)
+        self.in_features, self.out_features = in_features, out_features
         ext = kernel()
-        pack = 2
-        self.register_buffer("qweight", ext.permute_k(q, pack))
-        self.register_buffer("scales", s)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self._op, self._dequantize, self._pack = ext.int8_linear, ext.dequantize, pack
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._op, self._dequantize, self._pack = ext.int8_linear, ext.dequantize, 2
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, s = quantize_blocks(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(linear.in_features, linear.out_features, kernel().permute_k(q, 2), s, bias)
 
     def dequantized(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The float32 weight (out_features, in_features) these int8 values and scales stand for."""
@@ -275,12 +127,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        if x2.shape[0] > PREFILL_ROWS:
-            # many rows (prefill): compute-bound, so dequantize once and use the float matrix product
+        rows = x2.shape[0]
+        if rows > PREFILL_ROWS:
+            # many rows (a prompt): compute-bound, so dequantize once and use the float matrix product
             w = _scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
             out = F.linear(x2, self.dequantized(w), self.bias)
         else:
-            out = self._op(x2, self.qweight, self.scales)
+            if rows <= KERNEL_ROWS:
+                out = self._op(x2, self.qweight, self.scales)
+            else:
+                out = torch.cat([self._op(x2[i:i + KERNEL_ROWS], self.qweight, self.scales)
+                                 for i in range(0, rows, KERNEL_ROWS)])
             if self.bias is not None:
                 out = out + self.bias
         return out.view(*shape[:-1], self.out_features).to(x.dtype)
@@ -303,7 +160,7 @@ def quantize_linear(linear: nn.Module, method: str = "int8") -> nn.Module:
     if not isinstance(linear, nn.Linear) or linear.in_features % BLOCK:
         return linear
     if method == "int8" and kernel() is not None:
-        return Int8Linear(linear)
+        return Int8Linear.from_linear(linear)
     if method in ("int8", "int8-dynamic"):
         _quiet_ao_warnings()
         return _dynamic(linear)

@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..errors import EmptyText, InvalidAudio
-from .checkpoint import Checkpoint, fingerprint, load_into, load_tensors, parse_device, parse_dtype
+from .checkpoint import Checkpoint, fingerprint, load_talker, load_tensors, parse_device, parse_dtype
 from .codec import Codec
-from .generate import FrameGenerator, Prompt, SpecialIds, build_prompt, generate_frames
+from .generate import FrameGenerator, Row, SpecialIds, build_prompt, generate_frames
 from .model import Talker
 from .speaker import SpeakerEncoder
 from .tokenizer import TextTokenizer
@@ -31,6 +32,13 @@ from .types import AudioChunk, check_language, CancelToken, GenerationSettings, 
 SAMPLE_RATE = 24000
 MIN_REF_SECONDS = 1.0
 MAX_REF_SECONDS = 60.0
+
+
+def _speaker_tensors(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """The speaker encoder's tensors, copied: a tensor kept from the memory-mapped file would keep
+    every page of it resident."""
+    tensors = load_tensors(ck.folder / "model.safetensors", prefix="speaker_encoder.")
+    return {k: v.clone() for k, v in tensors.items()}
 
 
 def _chat(text: str) -> str:
@@ -118,6 +126,7 @@ class Qwen3Engine:
     supports_cloning = True
     sample_rate = SAMPLE_RATE
     quantize = "none"          # set by load(): "none", "int8" or "int8-dynamic"
+    load_info: dict = {}       # set by load(): quantize, weights ("checkpoint" or "cache"), load_s
 
     def __init__(self, checkpoint: Checkpoint, talker: Talker, speaker: SpeakerEncoder, codec: Codec,
                  tokenizer: TextTokenizer, device: torch.device, dtype: torch.dtype, model_id: str):
@@ -138,40 +147,34 @@ class Qwen3Engine:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-             quantize: Optional[str] = None) -> "Qwen3Engine":
-        """`quantize`: None / "none" (default: weights in `dtype`), or int8 weights for the talker's and
-        the code predictor's linear layers (CPU, float32): "int8" (blocks of 32, our kernel; activations
-        kept to 16 bits) or "int8-dynamic" (torch's dynamic quantization: faster, activations rounded
-        to 8 bits, more error). See makima_tts/engine/quant.py and bench/RESULTS.md."""
-        from .quant import QUANTIZE_CHOICES, quantize_linear, quantize_module
+             quantize: Optional[str] = "auto", weights_cache: Optional[str | os.PathLike] = None) -> "Qwen3Engine":
+        """`quantize`: "auto" (default: "int8" on the CPU, the float `dtype` on CUDA), "none" (weights in
+        `dtype`), or int8 weights for the talker's and the code predictor's linear layers (CPU, float32):
+        "int8" (blocks of 32, our kernel; activations kept to 16 bits) or "int8-dynamic" (torch's
+        dynamic quantization: activations rounded to 8 bits, more error). See engine/quant.py and
+        bench/RESULTS.md. `weights_cache`: a folder where "int8" weights are stored once and
+        memory-mapped on the next load (None: quantize at every load)."""
+        from .quant import QUANTIZE_CHOICES
 
-        quantize = (quantize or "none").lower()
+        quantize = (quantize or "auto").lower()
         if quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"unknown quantize={quantize!r}; use one of: {', '.join(QUANTIZE_CHOICES)}")
         dev, dt = parse_device(device), parse_dtype(dtype)
+        if quantize == "auto":
+            quantize = "int8" if dev.type == "cpu" and dt == torch.float32 else "none"
         if quantize != "none" and (dev.type != "cpu" or dt != torch.float32):
             raise ValueError("int8 weights run on the CPU with dtype float32")
+        t0 = time.perf_counter()
         ck = Checkpoint.open(checkpoint)
-        tensors = load_tensors(ck.folder / "model.safetensors")
-        talker = Talker(ck.config)
-        load_into(talker, {k[len("talker."):]: v for k, v in tensors.items() if k.startswith("talker.")},
-                  "talker", dt)
-        talker.fuse()
-        method = "none"
-        if quantize != "none":
-            with torch.no_grad():          # the per-frame work; embeddings and the text projection stay float
-                method = quantize_module(talker.model.layers, quantize)["method"]
-                quantize_module(talker.code_predictor, method)
-                talker.codec_head = quantize_linear(talker.codec_head, method)
-        # copies: a tensor kept from the memory-mapped file would keep every page of it resident
-        speaker = SpeakerEncoder.load({k[len("speaker_encoder."):]: v.clone() for k, v in tensors.items()
-                                       if k.startswith("speaker_encoder.")},
-                                      ck.config.get("speaker_encoder_config", {}), device=dev, dtype=dt)
-        del tensors
+        talker, method, source = load_talker(ck, dev, dt, quantize,
+                                             Path(weights_cache) if weights_cache is not None else None)
+        speaker = SpeakerEncoder.load(_speaker_tensors(ck), ck.config.get("speaker_encoder_config", {}),
+                                      device=dev, dtype=dt)
         codec = Codec.load(ck.folder / "speech_tokenizer", device=dev, dtype=dt)
         tokenizer = TextTokenizer(ck.folder)
-        engine = cls(ck, talker.to(dev).eval(), speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
+        engine = cls(ck, talker, speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
         engine.quantize = method
+        engine.load_info = {"quantize": method, "weights": source, "load_s": round(time.perf_counter() - t0, 2)}
         return engine
 
     @staticmethod
@@ -216,18 +219,17 @@ class Qwen3Engine:
         g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
         return g
 
-    @torch.inference_mode()
     def frames(self, text: str, voice: VoicePrompt, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
                stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
-        """Codec frames (16,) int64 as they are generated."""
-        prompt, max_frames, gen = self.plan(text, voice, language, settings or self.defaults)
-        yield from generate_frames(gen, prompt, max_frames, cancel, stats)
+        """Codec frames (16,) int64 as they are generated (a batch of one)."""
+        row = self.plan(text, voice, language, settings or self.defaults)
+        gen = FrameGenerator(self.talker, self.ids, rows=1, length=row.prompt.embeds.shape[1] + 64)
+        return generate_frames(gen, row, cancel, stats)
 
-    def plan(self, text: str, voice: VoicePrompt, language: str,
-             settings: GenerationSettings) -> tuple[Prompt, int, FrameGenerator]:
-        """Check the request and set up its generation: the talker prompt, the frame limit, and a
-        frame generator with the request's sampling settings and seed."""
+    def plan(self, text: str, voice: VoicePrompt, language: str, settings: GenerationSettings) -> Row:
+        """Check the request and set up its generation: a Row with the talker prompt, the frame
+        limit, and the request's sampling settings and seeded generator."""
         if not isinstance(voice, VoicePrompt):
             raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
         if not text or not text.strip():
@@ -238,9 +240,8 @@ class Qwen3Engine:
         max_frames = settings.max_frames or self.max_frames_for(len(text_ids) - 8)
         with torch.inference_mode():
             prompt = build_prompt(self.talker, self.ids, text_ids[:-5], voice, self.ids.languages.get(lang), ref_ids)
-        gen = FrameGenerator(self.talker, self.ids, settings.talker, settings.predictor,
-                             self._generator(settings.seed))
-        return prompt, max_frames, gen
+        return Row(prompt=prompt, max_frames=max_frames, talker_params=settings.talker,
+                   predictor_params=settings.predictor, generator=self._generator(settings.seed))
 
     def prepare_voice(self, voice: VoicePrompt) -> VoicePrompt:
         """Do a voice's one-time work now (run its reference codes through the codec), so that its
