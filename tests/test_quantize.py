@@ -95,10 +95,11 @@ def test_int8_kernel_matches_its_dequantized_weights():
     if quant.kernel() is None:
         pytest.skip(f"int8 kernel not built here: {quant.kernel_error()}")
     torch.manual_seed(0)
-    for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 7, 16, 20)]:
-        # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path for m <= 16; m=20: prefill (float mm)
+    for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 7, 16, 20, 40, 70)]:
+        # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path for m <= 16, in calls of 16 rows
+        # up to PREFILL_ROWS (m=20, 40); m=70: prefill (float mm)
         lin = nn.Linear(k, 96, bias=True)
-        q = quant.Int8Linear(lin)
+        q = quant.Int8Linear.from_linear(lin)
         x = torch.randn(m, k)
         exact = nn.functional.linear(x, q.dequantized(), lin.bias)
         assert float((q(x) - exact).norm() / exact.norm()) < 1e-4      # int16 activations: ~3e-5
