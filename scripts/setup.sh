@@ -11,9 +11,9 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 $PIP install "torch==2.13.0"
-$PIP install -e ".[server,piper]"
+$PIP install -e ".[server,piper,client]"
 if [ "$DEV" = 1 ]; then
-  $PIP install -e ".[server,piper,test]"
+  $PIP install -e ".[server,piper,client,test]"
   # The reference package, for parity tests and test checkpoints only: without its heavy
   # extras (gradio), and with torchaudio's CUDA-built extension removed (it cannot load on
   # a CPU machine, and qwen_tts only needs torchaudio's pure-Python import).
