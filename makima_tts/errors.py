@@ -95,6 +95,36 @@ class Overloaded(MakimaError):
     code = "OVERLOADED"
 
 
+class SendTimeout(MakimaError):
+    """The client accepted no audio for send_timeout_s: its utterance was cancelled and its slot freed."""
+
+    code = "SEND_TIMEOUT"
+
+
+class ServerShutdown(MakimaError):
+    """The server is shutting down (SIGTERM); reconnect, to this server once it is back or to another."""
+
+    code = "SERVER_SHUTDOWN"
+
+
+class ForbiddenOrigin(MakimaError):
+    """A browser request from a site that is not allowed (`allowed_origins`)."""
+
+    code = "FORBIDDEN_ORIGIN"
+
+
+class RequestTooLarge(InvalidInput):
+    """A request body over max_json_bytes."""
+
+    code = "REQUEST_TOO_LARGE"
+
+
+class RequestTimeout(InvalidInput):
+    """A request body that did not arrive within body_timeout_s."""
+
+    code = "REQUEST_TIMEOUT"
+
+
 class SessionTimeout(MakimaError):
     code = "SESSION_TIMEOUT"
     recoverable = False
@@ -114,7 +144,8 @@ class BuiltinVoice(InvalidInput):
 
 # HTTP status for each error class (most specific first).
 HTTP_STATUS: list[tuple[type, int]] = [
-    (Overloaded, 429), (NotReady, 503), (CloningUnsupported, 400), (EngineUnavailable, 503),
+    (Overloaded, 429), (NotReady, 503), (ServerShutdown, 503), (ForbiddenOrigin, 403), (RequestTooLarge, 413),
+    (RequestTimeout, 408), (SendTimeout, 408), (CloningUnsupported, 400), (EngineUnavailable, 503),
     (VoiceExists, 409), (VoiceNotFound, 404), (TextTooLong, 413), (UploadTooLarge, 413), (InvalidInput, 400),
     (CheckpointError, 503), (SynthesisError, 500), (MakimaError, 500),
 ]

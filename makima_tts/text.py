@@ -52,12 +52,13 @@ a.m p.m am pm al esp ave blvd rd
 """.split())
 _DOTTED = re.compile(r"(?:\w\.)+\w")
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
+_LOOKAHEAD = 64     # characters read past max_chars to see how a sentence end goes on
 
 
-def _word_before(buf: str, i: int) -> str:
+def _word_before(buf: str, i: int, start: int = 0) -> str:
     """The word ending just before position i (the dot), without opening quotes/brackets."""
     k = i
-    while k > 0 and not buf[k - 1].isspace():
+    while k > start and not buf[k - 1].isspace():
         k -= 1
     return buf[k:i].lstrip(_OPENERS)
 
@@ -81,15 +82,19 @@ def _dot_kind(word: str) -> str:
     return "break"
 
 
-def _find_end(buf: str, final: bool) -> tuple[Optional[int], Optional[int]]:
-    """Find the first sentence end in buf.
+def _find_end(buf: str, final: bool, start: int = 0, stop: Optional[int] = None) -> tuple[Optional[int], Optional[int]]:
+    """Find the first sentence end in buf[start:stop].
 
     Returns (end, resume): `end` is the index just past the sentence (None if no sentence is
     complete yet); `resume` is where the next sentence's text starts (end for terminators,
     after the newlines for a blank line). With final=True the end of buf counts as whitespace.
+    Only buf[start:stop] is read (stop: the end of buf by default), so a caller that bounds it
+    bounds the work; `final` applies only when stop is the end of buf.
     """
-    n = len(buf)
-    i = 0
+    n = len(buf) if stop is None else min(stop, len(buf))
+    final = final and n == len(buf)
+    i = start
+    content = False           # a non-space character seen since start (for a blank line to end a sentence)
     while i < n:
         c = buf[i]
         if c in _CJK_TERMINATORS:
@@ -98,6 +103,7 @@ def _find_end(buf: str, final: bool) -> tuple[Optional[int], Optional[int]]:
                 j += 1
             return j, j
         if c in _TERMINATORS:
+            content = True
             j = i
             while j < n and buf[j] in _TERMINATORS:
                 j += 1
@@ -114,7 +120,7 @@ def _find_end(buf: str, final: bool) -> tuple[Optional[int], Optional[int]]:
             elif "…" in run or len(run) > 1:
                 kind = "ambiguous"
             else:
-                kind = _dot_kind(_word_before(buf, i))
+                kind = _dot_kind(_word_before(buf, i, start))
             if kind == "never":
                 i = j
                 continue
@@ -129,9 +135,11 @@ def _find_end(buf: str, final: bool) -> tuple[Optional[int], Optional[int]]:
                     continue
             return j, j
         if c == "\n":
-            m = _BLANK_LINE.match(buf, i)
-            if m and buf[:i].strip():
+            m = _BLANK_LINE.match(buf, i, n)
+            if m and content:
                 return i, m.end()
+        elif not c.isspace():
+            content = True
         i += 1
     return None, None
 
@@ -195,24 +203,41 @@ class SentenceBuffer:
     def reset(self) -> None:
         self._buf = ""
 
+    def restore(self, pending: str) -> None:
+        """Put back what `pending` was (to undo a push whose sentences were not taken)."""
+        self._buf = pending
+
     def _drain(self, final: bool) -> list[str]:
+        # Linear in the buffer: each step reads at most max_chars + _LOOKAHEAD characters past
+        # `pos` and moves `pos` past what it hands out, and nothing is copied but the sentences.
         out: list[str] = []
-        while self._buf:
-            end, resume = _find_end(self._buf, final)
-            if end is not None and end <= self.max_chars:
-                sentence, self._buf = self._buf[:end], self._buf[resume:]
-            elif len(self._buf.strip()) > self.max_chars:
-                # Too long without an end: cut at a comma or space (after leading whitespace).
-                lead = len(self._buf) - len(self._buf.lstrip())
-                cut = lead + _safety_cut(self._buf[lead:], self.max_chars)
-                sentence, self._buf = self._buf[:cut], self._buf[cut:]
+        buf = self._buf
+        n = len(buf)
+        content_end = len(buf.rstrip())          # past the last non-space character
+        limit = self.max_chars
+        pos = 0
+        while pos < n:
+            start = pos
+            while start < n and buf[start].isspace():
+                start += 1
+            if start >= content_end:
+                break
+            end, resume = _find_end(buf, final, start, start + limit + _LOOKAHEAD)
+            if end is not None and end - start <= limit:
+                sentence, pos = buf[start:end], resume
+            elif content_end - start > limit:
+                # Too long without an end: cut at a comma or space.
+                cut = start + _safety_cut(buf[start:start + limit + 1], limit)
+                sentence, pos = buf[start:cut], cut
             else:
                 break
             if not _is_empty(sentence):
                 out.append(_clean(sentence))
-        if not self._buf.strip():
+        rest = buf[pos:]
+        if not rest.strip():
             # Keep nothing but, at most, whitespace that separates from the next piece.
-            self._buf = self._buf[-1:] if self._buf else ""
+            rest = rest[-1:] if rest else ""
+        self._buf = rest
         return out
 
 

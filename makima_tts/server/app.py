@@ -15,11 +15,14 @@ from ..engine.types import SpeechEngine
 from ..errors import MakimaError
 from . import routes_openai, routes_ops, routes_page, routes_voices, routes_ws
 from .context import ServerContext
+from .guard import Guard
+from .serve import install_log_filters
 from .errors import error_body, makima_error_handler, validation_error_handler
 from .settings import Settings
 
 log = logging.getLogger("makima_tts.server")
-_HTTP_CODES = {401: "UNAUTHORIZED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "UPLOAD_TOO_LARGE"}
+_HTTP_CODES = {400: "INVALID_MESSAGE", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+               405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 413: "UPLOAD_TOO_LARGE"}
 
 
 async def _http_error_handler(request, exc: StarletteHTTPException) -> JSONResponse:
@@ -28,12 +31,18 @@ async def _http_error_handler(request, exc: StarletteHTTPException) -> JSONRespo
                         headers=getattr(exc, "headers", None))
 
 
+async def _internal_error_handler(request, exc: Exception) -> JSONResponse:
+    """A bug: answered without its traceback (the server logs it)."""
+    return JSONResponse(error_body("INTERNAL_ERROR", "internal error", 500), status_code=500)
+
+
 def create_app(settings: Optional[Settings] = None, engine: Optional[SpeechEngine] = None) -> FastAPI:
     settings = settings or Settings()
     ctx = ServerContext(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        install_log_filters()
         await ctx.start()
         try:
             yield
@@ -47,6 +56,8 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[SpeechEngin
     app.add_exception_handler(MakimaError, makima_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _internal_error_handler)
+    app.add_middleware(Guard, ctx=ctx)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ws.router)

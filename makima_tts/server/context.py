@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 
 from ..engine.types import GenerationSettings, SpeechEngine
-from ..errors import CloningUnsupported, EmptyText, EngineUnavailable, MakimaError, NotReady, TextTooLong, \
-    VoiceNotFound
+from ..errors import CloningUnsupported, EmptyText, EngineUnavailable, MakimaError, NotReady, ServerShutdown, \
+    TextTooLong, VoiceNotFound
 from ..voices import PromptCache, VoiceLibrary
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -47,7 +47,7 @@ class ServerContext:
         self.metrics = Metrics()
         self.scheduler: Optional[Scheduler] = None     # made on the running loop (start())
         self.library = VoiceLibrary(settings.voices_dir)
-        self.executor = ThreadPoolExecutor(max_workers=settings.max_streams + 2, thread_name_prefix="makima-gen")
+        self.executor = ThreadPoolExecutor(max_workers=settings.streams() + 2, thread_name_prefix="makima-gen")
         self.engine: Optional[SpeechEngine] = None
         self.prompts: Optional[PromptCache] = None
         self.engine_reason = ""
@@ -57,6 +57,9 @@ class ServerContext:
         self._load_task: Optional[asyncio.Future] = None
         self._default_lock = threading.Lock()
         self.default_voice_created = 0   # how many times the generated default voice was made
+        self.sessions: set = set()       # open WebSocket sessions (server.session.Session)
+        self.synths: set = set()         # utterances generating now (server.stream.Synthesis)
+        self.draining = False            # shutting down: no new work
         if engine is not None:
             self._set_engine(engine, "engine given by the caller")
 
@@ -64,7 +67,7 @@ class ServerContext:
 
     async def start(self) -> None:
         """Called at app start-up, on the loop. Loads the engine unless lazy_load."""
-        self.scheduler = Scheduler(self.settings.max_streams, self.settings.max_queue, self.metrics)
+        self.scheduler = Scheduler(self.settings.streams(), self.settings.max_queue, self.metrics)
         self._loaded = asyncio.Event()
         if self.engine is not None:
             self._loaded.set()
@@ -142,12 +145,14 @@ class ServerContext:
         from ..engine.qwen3 import Qwen3Engine
 
         s = self.settings
-        engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype,
-                                  quantize=None if s.quantize == "none" else s.quantize)
+        engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
+                                  weights_cache=s.weights_cache if s.weights_cache is not None else "auto")
+        log.info("Qwen3 weights: %s, from the %s, loaded in %.1f s", engine.load_info["quantize"],
+                 engine.load_info["weights"], engine.load_info["load_s"])
         if s.batch:
             from ..engine.batch import BatchedEngine
 
-            return BatchedEngine(engine, max_batch=s.max_streams)
+            return BatchedEngine(engine, max_batch=s.streams())
         return engine
 
     def _load_piper(self):
@@ -184,15 +189,39 @@ class ServerContext:
             out["reason"] = "the model is loading"
         return out
 
+    # ------------------------------------------------------------------ shutdown
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise ServerShutdown("the server is shutting down; reconnect and retry later")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; let what is generating finish for up to `timeout` s; then cancel what is
+        left and tell every WebSocket client (SERVER_SHUTDOWN, close 1012)."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.synths or any(s.busy for s in self.sessions):
+            log.info("shutting down: waiting up to %g s for %d utterance(s) to finish", timeout, len(self.synths))
+        while (self.synths or any(s.busy for s in self.sessions)) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for synth in list(self.synths):
+            synth.cancel()
+        if self.sessions:
+            await asyncio.gather(*(s.shut_down() for s in list(self.sessions)), return_exceptions=True)
+
     # ------------------------------------------------------------------ text and settings
 
     def check_text(self, text: Optional[str]) -> str:
         if text is None or not str(text).strip():
             raise EmptyText("text is empty")
+        self.check_length(text)
+        return str(text)
+
+    def check_length(self, text: str) -> None:
         if len(text) > self.settings.max_text_chars:
             raise TextTooLong(f"text is {len(text)} characters; the limit is {self.settings.max_text_chars} "
                               "(split it, or stream it with `text` messages)")
-        return str(text)
 
     def generation_settings(self, overrides: Optional[dict]) -> Optional[GenerationSettings]:
         """Engine defaults with the client's sampling overrides (see protocol.Sampling)."""
@@ -222,7 +251,7 @@ class ServerContext:
         if not engine.supports_cloning:
             builtin = [v.voice_id for v in engine.builtin_voices()]
             for name in (requested, session_voice):
-                if not name or (name in OPENAI_VOICES and name not in builtin):
+                if not name or ((name in OPENAI_VOICES or name == GENERATED_VOICE) and name not in builtin):
                     continue
                 if name in builtin:
                     return name, name
@@ -235,6 +264,8 @@ class ServerContext:
         for name in (requested, session_voice):
             if not name or (name in OPENAI_VOICES and not self.library.exists(name)):
                 continue
+            if name == GENERATED_VOICE:          # named: made on first need, as when none is named
+                return GENERATED_VOICE, self.ensure_generated_voice()
             return name, self.prompts.get(name)
         return self._default_voice()
 

@@ -1,20 +1,41 @@
 """Errors over HTTP: OpenAI's error shape, with our stable code."""
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..errors import MakimaError, http_status
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 408: "invalid_request_error",
           409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable_error"}
 
 
+MAX_MESSAGE_CHARS = 400
+_QUOTED = re.compile(r"""(['"])([^'"]{48})[^'"]{16,}\1""")
+_PATH = re.compile(r"""(?<![\w/.])/(?:home|root|tmp|usr|opt|var|srv|mnt|media|Users|work|data|private|etc|proc|run|"""
+                   r"""nix|snap|Library|Volumes)(?:/[^\s'",;)]*)?""")
+_WIN_PATH = re.compile(r"""\b[A-Za-z]:\\[^\s'",;)]*""")
+
+
+def public_message(message: str) -> str:
+    """A message fit to send to a client: no file-system paths, long echoed input cut to a short prefix."""
+    message = str(message)
+    message = _QUOTED.sub(lambda m: f"{m.group(1)}{m.group(2)}...{m.group(1)}", message)
+    message = _PATH.sub("<path>", message)
+    message = _WIN_PATH.sub("<path>", message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+    return message
+
+
 def error_body(code: str, message: str, status: int, param: str | None = None) -> dict:
     """{"error": {"message", "type", "param", "code"}} as the OpenAI API sends it."""
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
+    return {"error": {"message": public_message(message), "type": _TYPES.get(status, "server_error"), "param": param,
                       "code": code}}
 
 
@@ -34,6 +55,6 @@ async def makima_error_handler(request: Request, exc: MakimaError) -> JSONRespon
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    where = public_message(".".join(str(p)[:64] for p in first.get("loc", ()) if p != "body"))
     message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
     return JSONResponse(error_body("INVALID_MESSAGE", message, 400, param=where or None), status_code=400)

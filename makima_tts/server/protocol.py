@@ -33,8 +33,8 @@ class _Msg(BaseModel):
 
 class Start(_Msg):
     type: Literal["start"]
-    voice: Optional[str] = None
-    language: str = "auto"
+    voice: Optional[str] = Field(None, max_length=128)
+    language: str = Field("auto", max_length=64)
     format: str = "pcm_s16le"
     sample_rate: int = 24000
     sampling: Optional[Sampling] = None
@@ -44,8 +44,8 @@ class Speak(_Msg):
     type: Literal["speak"]
     text: str
     id: Optional[str] = Field(None, max_length=128)
-    voice: Optional[str] = None
-    language: Optional[str] = None
+    voice: Optional[str] = Field(None, max_length=128)
+    language: Optional[str] = Field(None, max_length=64)
     interrupt: bool = False
 
 
@@ -70,26 +70,37 @@ ClientMessage = Annotated[Union[Start, Speak, Text, Flush, Cancel, Stop], Field(
 _adapter = TypeAdapter(ClientMessage)
 
 
+def _short(value, limit: int = 40) -> str:
+    """Input echoed in an error: a short prefix only."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_message(raw: str):
     """A client message, or InvalidInput / UnsupportedFormat with a message that says what is wrong."""
     try:
         data = json.loads(raw)
     except (ValueError, TypeError):
         raise InvalidInput("messages are JSON text frames; this one is not valid JSON") from None
+    except RecursionError:
+        raise InvalidInput("the message is nested too deeply; a message is a flat JSON object") from None
     if not isinstance(data, dict) or "type" not in data:
         raise InvalidInput("a message is a JSON object with a `type`: start, speak, text, flush, cancel or stop")
     try:
         msg = _adapter.validate_python(data)
+    except RecursionError:
+        raise InvalidInput("the message is nested too deeply; a message is a flat JSON object") from None
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ())[1:])
+        err = e.errors(include_input=False, include_url=False)[0]
+        where = ".".join(_short(p) for p in err.get("loc", ())[1:])
+        kind = _short(data.get("type"))
         if err.get("type") == "union_tag_invalid":
-            raise InvalidInput(f"unknown message type {data.get('type')!r}; expected start, speak, text, flush, "
+            raise InvalidInput(f"unknown message type {kind!r}; expected start, speak, text, flush, "
                                "cancel or stop") from None
-        raise InvalidInput(f"{data.get('type')}: {where + ': ' if where else ''}{err.get('msg')}") from None
+        raise InvalidInput(f"{kind}: {where + ': ' if where else ''}{err.get('msg')}") from None
     if isinstance(msg, Start):
         if msg.format not in FORMATS:
-            raise UnsupportedFormat(f"format {msg.format!r} is not supported; use one of {', '.join(FORMATS)}")
+            raise UnsupportedFormat(f"format {_short(msg.format)!r} is not supported; use one of {', '.join(FORMATS)}")
         if msg.sample_rate not in SAMPLE_RATES:
             raise UnsupportedFormat(f"sample_rate {msg.sample_rate} is not supported; use one of "
                                     f"{', '.join(map(str, SAMPLE_RATES))}")

@@ -1,9 +1,10 @@
 """OpenAI-compatible POST /v1/audio/speech: the body streams while the audio is generated."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..audio import CONTENT_TYPES, make_encoder
 from ..errors import MakimaError
 from .auth import require_api_key
+from .guard import ClientTooSlow
 from .stream import Synthesis
 
 router = APIRouter()
@@ -19,20 +21,42 @@ OUT_RATE = 24000
 
 
 class VoiceRef(BaseModel):
-    id: str
+    id: str = Field(..., max_length=128)
+
+
+class TimedStreamingResponse(StreamingResponse):
+    """A streamed body whose every send must complete within `send_timeout` s: a client that accepts
+    nothing for that long ends the response, and closing the body cancels its utterance (slot freed)."""
+
+    def __init__(self, content, *, send_timeout: float, **kw):
+        super().__init__(content, **kw)
+        self.send_timeout = send_timeout if send_timeout and send_timeout > 0 else None
+
+    async def stream_response(self, send) -> None:
+        async def timed(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout)
+            except asyncio.TimeoutError:
+                raise ClientTooSlow() from None
+        try:
+            await super().stream_response(timed)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class SpeechRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field("makima-tts", description="any value; the server speaks with its loaded model")
     input: str = Field(..., description="the text to speak")
-    voice: Union[str, VoiceRef, None] = Field(None, description="a voice id from /api/v1/voices; OpenAI's "
+    voice: Union[Annotated[str, Field(max_length=128)], VoiceRef, None] = Field(None, description="a voice id from /api/v1/voices; OpenAI's "
                                                                 "names (alloy, ...) mean the default voice")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0, description="tempo; the pitch is kept")
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: Optional[str] = Field(None, description="accepted and ignored")
-    language: Optional[str] = Field(None, description="makima-tts extension: auto or one of the ten languages")
+    language: Optional[str] = Field(None, max_length=64, description="makima-tts extension: auto or one of the ten languages")
     seed: Optional[int] = Field(None, description="makima-tts extension: seed for reproducible sampling")
 
 
@@ -78,17 +102,22 @@ async def speech(body: SpeechRequest, request: Request):
 
     async def sse():
         n = 0
-        async for data in encoded():
-            if data:
-                n += len(data)
-                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
-                yield f"data: {json.dumps(event)}\n\n".encode()
+        inner = encoded()
+        try:
+            async for data in inner:
+                if data:
+                    n += len(data)
+                    event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                    yield f"data: {json.dumps(event)}\n\n".encode()
+        finally:
+            await inner.aclose()
         done = {"type": "speech.audio.done",
                 "usage": {"input_tokens": len(text), "output_tokens": n, "total_tokens": len(text) + n}}
         yield f"data: {json.dumps(done)}\n\n".encode()
 
     headers = {"X-Voice": str(synth.stats.voice or ""), "Cache-Control": "no-store"}
+    timeout = ctx.settings.send_timeout_s
     if body.stream_format == "sse":
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
-    return StreamingResponse(encoded(), media_type=CONTENT_TYPES[fmt], headers=headers)
+        return TimedStreamingResponse(sse(), media_type="text/event-stream", headers=headers, send_timeout=timeout)
+    return TimedStreamingResponse(encoded(), media_type=CONTENT_TYPES[fmt], headers=headers, send_timeout=timeout)
 

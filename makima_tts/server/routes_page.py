@@ -29,8 +29,14 @@ router = APIRouter(tags=["page"])
 
 
 def _file(name: str) -> FileResponse:
-    path = (STATIC_DIR / name).resolve()
-    if STATIC_DIR not in path.parents or not path.is_file():
+    try:
+        if "\x00" in name:       # Path refuses NUL bytes with a ValueError: not a file of ours
+            raise ValueError(name)
+        path = (STATIC_DIR / name).resolve()
+        found = STATIC_DIR in path.parents and path.is_file()
+    except (ValueError, OSError):
+        found = False
+    if not found:
         raise HTTPException(status_code=404, detail="not found")
     media_type = _TYPES.get(path.suffix.lower(), "application/octet-stream")
     return FileResponse(path, media_type=media_type, headers=_HEADERS)

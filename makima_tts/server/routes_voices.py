@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import AsyncGenerator, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -240,8 +240,21 @@ async def get_voice_audio(request: Request, voice_id: str):
         from ..errors import VoiceNotFound
 
         raise VoiceNotFound(f"{voice_id!r} is a built-in voice: it has no reference clip")
-    path = await run_in_threadpool(ctx.library.audio_path, voice_id)
-    return FileResponse(path, media_type="audio/flac", filename=f"{voice_id}.flac")
+    data = await run_in_threadpool(_read_clip, ctx.library, voice_id)
+    return Response(data, media_type="audio/flac",
+                    headers={"Content-Disposition": f'attachment; filename="{voice_id}.flac"'})
+
+
+def _read_clip(library: VoiceLibrary, voice_id: str) -> bytes:
+    """The clip's bytes, read at once: a voice removed meanwhile is a 404, never a 500 or an empty body."""
+    from ..errors import VoiceNotFound
+
+    path = library.audio_path(voice_id)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise VoiceNotFound(f"voice {voice_id!r} not found (it was removed)") from None
 
 
 class VoicePatch(BaseModel):

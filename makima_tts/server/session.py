@@ -15,9 +15,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..audio import to_f32le, to_pcm16
 from ..engine.types import check_language
-from ..errors import InvalidInput, MakimaError, SessionTimeout, SynthesisError
+from ..errors import InvalidInput, MakimaError, Overloaded, SendTimeout, ServerShutdown, SessionTimeout, \
+    SynthesisError, TextTooLong
 from ..text import SentenceBuffer
 from .auth import websocket_key_ok
+from .errors import public_message
 from .protocol import Cancel, Flush, Speak, Start, Stop, Text, parse_message
 from .stream import Synthesis
 
@@ -25,10 +27,16 @@ log = logging.getLogger("makima_tts.server")
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TIMEOUT = 4408
 CLOSE_UNAVAILABLE = 1011
+CLOSE_RESTART = 1012          # the server is shutting down (SERVER_SHUTDOWN)
+SHUTDOWN_SEND_S = 1.0         # on shutdown: how long each last message may take to leave
 
 
 class _Gone(Exception):
     """The client went away."""
+
+
+class _SendTimeout(_Gone):
+    """The client accepted nothing for send_timeout_s."""
 
 
 @dataclass
@@ -65,6 +73,14 @@ class Session:
         self._ids = itertools.count(1)
         self._send_lock = asyncio.Lock()
         self.last_activity = time.monotonic()
+        self.queued_chars = 0          # characters of the queued utterances
+        self._gone = False             # the player has ended (the client went away)
+        self._closing = False          # shut_down() is closing the session
+
+    @property
+    def busy(self) -> bool:
+        """An utterance is being spoken (queued ones do not start while the server drains)."""
+        return self.current is not None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -75,6 +91,7 @@ class Session:
             await ws.close(CLOSE_UNAUTHORIZED, "invalid or missing API key")
             return
         ctx.metrics.active_sessions.inc()
+        ctx.sessions.add(self)
         player = None
         try:
             if ctx.engine is None:
@@ -92,18 +109,31 @@ class Session:
             pass
         finally:
             self._cancel_all()
-            if player is not None:
-                player.cancel()
-                try:
-                    await player
-                except BaseException:
-                    pass
-            ctx.metrics.active_sessions.dec()
+            try:
+                if player is not None:
+                    player.cancel()
+                    await asyncio.wait({player})         # not `await player`: its CancelledError is not ours
+            finally:
+                ctx.sessions.discard(self)
+                ctx.metrics.active_sessions.dec()
             if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
                 try:
-                    await ws.close(1000)
-                except Exception:
+                    await asyncio.wait_for(ws.close(1000), SHUTDOWN_SEND_S)
+                except (Exception, asyncio.TimeoutError):
                     pass
+
+    async def shut_down(self) -> None:
+        """The server is shutting down: cancel what is left, say so, close with 1012 (each step bounded)."""
+        self._closing = True
+        ids = self._cancel_all()
+        try:
+            if ids:
+                await self.send({"type": "cancelled", "ids": ids}, timeout=SHUTDOWN_SEND_S)
+            await self.send_error(ServerShutdown("the server is shutting down; reconnect and retry later"),
+                                  timeout=SHUTDOWN_SEND_S)
+            await asyncio.wait_for(self.ws.close(CLOSE_RESTART, "server shutting down"), SHUTDOWN_SEND_S)
+        except (_Gone, Exception, asyncio.TimeoutError):
+            pass
 
     async def _reader(self, player: asyncio.Task) -> None:
         idle_timeout = self.ctx.settings.session_idle_timeout_s
@@ -119,7 +149,7 @@ class Session:
                 if not busy and time.monotonic() - self.last_activity > idle_timeout:
                     await self.send_error(SessionTimeout(f"no message for {idle_timeout:g} s; closing"),
                                           recoverable=False)
-                    await self.ws.close(CLOSE_TIMEOUT, "idle timeout")
+                    await asyncio.wait_for(self.ws.close(CLOSE_TIMEOUT, "idle timeout"), SHUTDOWN_SEND_S)
                     return
                 continue
             self.last_activity = time.monotonic()
@@ -131,7 +161,7 @@ class Session:
             try:
                 msg = parse_message(message["text"])
                 if isinstance(msg, Stop):
-                    await self._stop()
+                    await self._stop(player)
                     return
                 await self._handle(msg)
             except MakimaError as e:
@@ -148,9 +178,12 @@ class Session:
         elif isinstance(msg, Speak):
             uid = msg.id or f"u{next(self._ids)}"
             try:
+                self.ctx.check_open()
                 self.ctx.check_text(msg.text)
                 if msg.language is not None:
                     check_language(msg.language)
+                if not msg.interrupt:
+                    self._check_room(1, len(msg.text))
             except MakimaError as e:
                 e.utterance_id = uid
                 raise
@@ -158,18 +191,54 @@ class Session:
                 await self._cancel(send=True)
             self._enqueue(Utterance(uid, msg.text, msg.voice, msg.language))
         elif isinstance(msg, Text):
-            for sentence in self.sentences.push(msg.text):
-                self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
+            self.ctx.check_open()
+            self._push_text(msg.text)
         elif isinstance(msg, Flush):
+            self.ctx.check_open()
             for sentence in self.sentences.flush():
                 self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
         elif isinstance(msg, Cancel):
             await self._cancel(send=True)
 
+    def _push_text(self, piece: str) -> None:
+        """Streamed text: the sentences it completes are queued; over a limit, nothing of it is taken."""
+        pending = self.sentences.pending
+        if len(piece) > self.ctx.settings.max_text_chars:
+            self.ctx.check_length(piece)
+        if len(pending) + len(piece) > self.ctx.settings.max_text_chars:
+            raise TextTooLong(f"the streamed text pending without a sentence end would be {len(pending) + len(piece)} "
+                              f"characters; the limit is {self.ctx.settings.max_text_chars}")
+        self._check_room(0, len(pending) + len(piece))
+        sentences = self.sentences.push(piece)
+        try:
+            self._check_room(len(sentences), 0)
+        except MakimaError:
+            self.sentences.restore(pending)
+            raise
+        for sentence in sentences:
+            self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
+
+    def _check_room(self, utterances: int, chars: int) -> None:
+        """OVERLOADED when this session's queue would pass max_session_queue utterances or
+        max_session_queue_chars characters (pending streamed text included)."""
+        s = self.ctx.settings
+        if utterances and len(self.queue) + utterances > s.max_session_queue:
+            raise Overloaded(f"this session has {len(self.queue)} utterances queued; the limit is "
+                             f"{s.max_session_queue}: wait for audio_end, or cancel")
+        if chars and self.queued_chars + chars > s.max_session_queue_chars:
+            raise Overloaded(f"this session has {self.queued_chars} characters queued; the limit is "
+                             f"{s.max_session_queue_chars}: wait for audio_end, or cancel")
+
     def _enqueue(self, utt: Utterance) -> None:
         self.queue.append(utt)
+        self.queued_chars += len(utt.text)
         self._idle.clear()
         self._wakeup.set()
+
+    def _dequeue(self) -> Utterance:
+        utt = self.queue.popleft()
+        self.queued_chars = max(0, self.queued_chars - len(utt.text))
+        return utt
 
     def _cancel_all(self) -> list[str]:
         ids = []
@@ -177,9 +246,10 @@ class Session:
             self.current.cancel()
             ids.append(self.current.id)
         while self.queue:
-            utt = self.queue.popleft()
+            utt = self._dequeue()
             utt.cancelled = True
             ids.append(utt.id)
+        self.queued_chars = 0
         self.sentences.reset()
         return ids
 
@@ -188,38 +258,70 @@ class Session:
         if send:
             await self.send({"type": "cancelled", "ids": ids})
 
-    async def _stop(self) -> None:
+    async def _stop(self, player: asyncio.Task) -> None:
         for sentence in self.sentences.flush():
             self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
-        await self._idle.wait()
+        idle = asyncio.ensure_future(self._idle.wait())
+        try:
+            # the player may end first: the client went away, or stopped reading
+            await asyncio.wait({idle, player}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+        if self._gone or player.done() or not self._idle.is_set():
+            raise _Gone()
         await self.send({"type": "stopped"})
-        await self.ws.close(1000)
+        await asyncio.wait_for(self.ws.close(1000), SHUTDOWN_SEND_S)
 
     # ------------------------------------------------------------------ speaking
 
     async def _player(self) -> None:
+        try:
+            await self._play()
+        except _Gone:
+            pass
+        finally:
+            # whoever waits for the queue to empty (`stop`) must not wait for a player that has left
+            self._gone = True
+            self._idle.set()
+
+    async def _play(self) -> None:
         while True:
-            while not self.queue:
+            while not self.queue or self.ctx.draining or self._closing:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            utt = self.queue.popleft()
+            utt = self._dequeue()
             self.current = utt
             try:
                 await self._speak(utt)
-            except _Gone:
-                return
+            except _SendTimeout:
+                await self._send_timed_out(utt)
             except MakimaError as e:
                 self.ctx.metrics.utterance(self.ctx.engine_name, "error")
                 if not utt.cancelled:
                     await self.send_error(e, id=utt.id)
-            except Exception as e:   # a bug must not kill the session
+            except _Gone:
+                raise
+            except Exception:   # a bug must not kill the session
                 log.exception("utterance %s failed", utt.id)
                 self.ctx.metrics.utterance(self.ctx.engine_name, "error")
-                await self.send_error(SynthesisError(f"synthesis failed: {type(e).__name__}: {e}"), id=utt.id)
+                await self.send_error(SynthesisError("synthesis failed (an internal error; the server log has "
+                                                     "the details)"), id=utt.id)
             finally:
                 self.current = None
                 self.last_activity = time.monotonic()
+
+    async def _send_timed_out(self, utt: Utterance) -> None:
+        """The client accepted no audio for send_timeout_s: this utterance (its slot is free again by now)
+        and the queue are dropped; the client hears why once it reads again."""
+        timeout = self.ctx.settings.send_timeout_s
+        log.warning("session %s: the client accepted no audio for %g s; utterance %s cancelled",
+                    self.id, timeout, utt.id)
+        ids = [utt.id] + self._cancel_all()
+        self.current = None
+        await self.send_error(SendTimeout(f"no audio was accepted for {timeout:g} s: the utterance and those "
+                                          f"queued after it are cancelled"), id=utt.id)
+        await self.send({"type": "cancelled", "ids": list(dict.fromkeys(ids))})
 
     async def _speak(self, utt: Utterance) -> None:
         synth = Synthesis(self.ctx, utt.text, voice=utt.voice, session_voice=self.voice,
@@ -260,27 +362,37 @@ class Session:
                          "default_voice": default, "language": self.language,
                          "model": str(ctx.engine.model_id), "engine": ctx.engine.name})
 
-    async def send_error(self, e: MakimaError, id: Optional[str] = None, recoverable: Optional[bool] = None) -> None:
+    async def send_error(self, e: MakimaError, id: Optional[str] = None, recoverable: Optional[bool] = None,
+                         timeout: Optional[float] = None) -> None:
         self.ctx.metrics.errors.labels(e.code).inc()
-        msg = {"type": "error", "code": e.code, "message": e.message,
+        msg = {"type": "error", "code": e.code, "message": public_message(e.message),
                "recoverable": e.recoverable if recoverable is None else recoverable}
         if id is not None:
-            msg["id"] = id
-        await self.send(msg)
+            msg["id"] = id[:128]
+        await self.send(msg, timeout=timeout)
 
-    async def send(self, obj: dict) -> None:
-        try:
-            async with self._send_lock:
-                await self.ws.send_json(obj)
-        except (WebSocketDisconnect, RuntimeError, OSError) as e:
-            raise _Gone() from e
+    async def send(self, obj: dict, timeout: Optional[float] = None) -> None:
+        await self._send(lambda: self.ws.send_json(obj), timeout)
 
     async def send_bytes(self, data: bytes, utt: Utterance) -> None:
-        try:
+        if utt.cancelled:        # nothing of a cancelled utterance after `cancelled`
+            return
+        await self._send(lambda: self.ws.send_bytes(data), None, utt)
+        self.last_activity = time.monotonic()
+
+    async def _send(self, sending, timeout: Optional[float], utt: Optional[Utterance] = None) -> None:
+        """One message out, under the send lock, within `timeout` (send_timeout_s): a client that
+        accepts nothing for that long raises _SendTimeout."""
+        timeout = self.ctx.settings.send_timeout_s if timeout is None else timeout
+
+        async def locked() -> None:
             async with self._send_lock:
-                if utt.cancelled:        # nothing of a cancelled utterance after `cancelled`
+                if utt is not None and utt.cancelled:
                     return
-                await self.ws.send_bytes(data)
+                await sending()
+        try:
+            await asyncio.wait_for(locked(), timeout if timeout and timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise _SendTimeout() from None
         except (WebSocketDisconnect, RuntimeError, OSError) as e:
             raise _Gone() from e
-        self.last_activity = time.monotonic()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from platformdirs import user_data_dir
 from pydantic import Field
@@ -22,9 +22,11 @@ class Settings(BaseSettings):
     checkpoint: Optional[str] = None          # folder or Hugging Face repo id (Qwen3-TTS)
     device: str = "cpu"
     dtype: str = "float32"
-    quantize: Literal["none", "int8", "int8-dynamic"] = "none"   # Qwen3 weights (int8: CPU, smaller, faster)
+    # Qwen3 weights: auto = int8 (our kernel) on the CPU, the float dtype on CUDA; none = float32
+    quantize: Literal["auto", "none", "int8", "int8-dynamic"] = "auto"
+    weights_cache: Optional[Path] = None      # where quantized weights are kept between starts (None: user cache)
     threads: Optional[int] = None
-    batch: bool = False                       # Qwen3: step concurrent streams together (BatchedEngine)
+    batch: bool = True                        # Qwen3: step concurrent streams together (BatchedEngine); --no-batch
     piper_voice: str = "joe"
     lazy_load: bool = False                   # load the model on first request instead of at start-up
     voices_dir: Path = Field(default_factory=default_voices_dir)
@@ -32,10 +34,45 @@ class Settings(BaseSettings):
     prompt_cache_size: int = 64
     prompt_cache_ttl_s: float = 3600.0
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_streams: int = 2                      # utterances generating at once
+    max_streams: Union[int, Literal["auto"]] = "auto"   # utterances generating at once (auto: see streams())
     max_queue: int = 16                       # utterances waiting for a slot
     max_text_chars: int = 5000
     session_idle_timeout_s: float = 300.0
     send_buffer_chunks: int = 8               # audio chunks buffered per stream before it pauses
     api_keys: list[str] = Field(default_factory=list)
+    # bounded work per client (issue 15)
+    max_session_queue: int = 32               # utterances queued in one WebSocket session
+    max_session_queue_chars: int = 20000      # characters queued (and pending) in one WebSocket session
+    send_timeout_s: float = 20.0              # a client that accepts no audio this long loses its utterance
+    max_json_bytes: int = 1024 * 1024         # largest JSON request body
+    header_timeout_s: float = 10.0            # request headers must arrive within this
+    body_timeout_s: float = 60.0              # a request body must arrive within this
+    drain_timeout_s: float = 10.0             # on SIGTERM, running utterances get this long to finish
+    allowed_origins: list[str] = Field(default_factory=list)   # besides the same origin and localhost; "*": any
+    max_decode_seconds: float = 60.0          # longest reference clip decoded (from the container's header)
+    max_decode_rate: int = 96000              # highest sample rate decoded
+    max_decode_channels: int = 2              # most channels decoded
+    max_concurrent_decodes: int = 2           # uploads decoded at once
     log_level: str = "info"
+
+    def streams(self) -> int:
+        """max_streams as a number. auto: the real-time capacity measured in bench/RESULTS.md (streams
+        with no gap over 100 ms to a listener) for the default engine path, per 2 CPU threads; on
+        CUDA 16; the embedded Piper engine one per core."""
+        if self.max_streams != "auto":
+            return max(1, int(self.max_streams))
+        import os
+
+        cores = self.threads or os.cpu_count() or 2
+        if self.engine == "piper" or not self.checkpoint:
+            return max(2, cores)
+        if self.device.startswith("cuda"):
+            return 16
+        if not self.batch:
+            return 1
+        return max(1, CPU_STREAMS_PER_2_THREADS * cores // 2)
+
+
+# measured with bench/load.py on a 2-core machine (bench/RESULTS.md): the default path, batched
+CPU_STREAMS_PER_2_THREADS = 2
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
@@ -19,7 +20,9 @@ from ..audio import StreamResampler, time_stretch
 from ..engine.types import CancelToken, GenerationSettings
 from ..errors import MakimaError, SynthesisError
 
+log = logging.getLogger("makima_tts.server")
 _END = object()
+WORKER_STOP_WAIT_S = 10.0   # after a cancellation: how long to wait for the worker thread to stop
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 _STRETCH_MIN_S = 0.5      # speed != 1: stretch at least this much audio at a time
 
@@ -72,9 +75,14 @@ class Synthesis:
                                                          self.session_voice)
         self.stats.voice = voice_id
         settings: Optional[GenerationSettings] = ctx.generation_settings(self.sampling)
+        ctx.check_open()
         async with ctx.scheduler.slot():
+            ctx.check_open()
+            if self.cancel_token.cancelled:
+                return
             queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, ctx.settings.send_buffer_chunks))
             self._queue = queue
+            ctx.synths.add(self)
             worker = loop.run_in_executor(ctx.executor, self._work, engine, voice_obj, settings, queue, loop)
             resampler = StreamResampler(engine.sample_rate, self.out_rate) if engine.sample_rate != self.out_rate \
                 else None
@@ -101,10 +109,10 @@ class Synthesis:
                 while not queue.empty():           # unblock a worker waiting to put
                     queue.get_nowait()
                 try:
-                    await asyncio.shield(worker)
-                except BaseException:
-                    pass
-                self.stats.total_s = time.perf_counter() - self.stats.started
+                    await _stopped(worker)
+                finally:
+                    ctx.synths.discard(self)
+                    self.stats.total_s = time.perf_counter() - self.stats.started
 
     def _count(self, pcm: np.ndarray) -> np.ndarray:
         if self.stats.ttfa_s is None:
@@ -146,5 +154,35 @@ class Synthesis:
             put(_END)
         except MakimaError as e:
             put(e)
-        except Exception as e:  # a bug or a model failure: a clear error, not a dead session
-            put(SynthesisError(f"synthesis failed: {type(e).__name__}: {e}"))
+        except Exception:  # a bug or a model failure: a clear error, not a dead session
+            log.exception("synthesis failed")
+            put(SynthesisError("synthesis failed (an internal error in the engine; the server log has the details)"))
+
+
+async def _stopped(worker: asyncio.Future) -> None:
+    """Wait for the worker thread to stop (its token is cancelled: it stops before its next frame), so
+    the generation slot is returned only once it has. A cancellation of the waiting task is not lost:
+    it is raised once the worker has stopped (or after WORKER_STOP_WAIT_S if it does not)."""
+    cancelled: Optional[BaseException] = None
+    deadline = None
+    loop = asyncio.get_running_loop()
+    while not worker.done():
+        try:
+            if deadline is None:
+                await asyncio.shield(worker)
+            else:
+                left = deadline - loop.time()
+                if left <= 0:
+                    log.warning("an engine worker did not stop within %g s of its cancellation", WORKER_STOP_WAIT_S)
+                    break
+                await asyncio.wait_for(asyncio.shield(worker), left)
+        except asyncio.CancelledError as e:
+            cancelled = e
+            if deadline is None:
+                deadline = loop.time() + WORKER_STOP_WAIT_S
+        except asyncio.TimeoutError:
+            continue
+        except Exception:
+            break
+    if cancelled is not None:
+        raise cancelled
