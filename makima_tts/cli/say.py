@@ -1,4 +1,5 @@
-"""`makima-tts say "text" --checkpoint DIR_OR_REPO --ref-audio ref.wav --ref-text "..." -o out.wav`"""
+"""`makima-tts say "text" --checkpoint DIR_OR_REPO --ref-audio ref.wav --ref-text "..." -o out.wav`, or
+`makima-tts say "text" --server URL [--api-key K] [--voice V] -o out.wav` through a running server."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,18 @@ def register(sub) -> None:
     p = sub.add_parser("say", help="speak a text into a WAV file (or raw PCM to stdout)",
                        description="Speak TEXT with a voice cloned from a reference clip.")
     p.add_argument("text", help="what to say ('-' reads standard input)")
+    p.add_argument("--server", default=os.environ.get("MAKIMA_TTS_SERVER"), metavar="URL",
+                   help="speak through a running makima-tts server (http://HOST:PORT) instead of loading an "
+                        "engine (env MAKIMA_TTS_SERVER)")
+    p.add_argument("--api-key", default=os.environ.get("MAKIMA_TTS_API_KEY"),
+                   help="with --server: the server's API key (env MAKIMA_TTS_API_KEY)")
+    p.add_argument("--voice", help="with --server: a voice id of the server's library")
+    p.add_argument("--sample-rate", type=int, default=24000, help="with --server: output rate (8000-48000)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="with --server: seconds to wait for first audio and between chunks")
+    p.add_argument("--failure-threshold", type=int, default=None,
+                   help="with --server: consecutive failures (connection attempts) before the circuit breaker "
+                        "opens and the call fails fast with CIRCUIT_OPEN")
     p.add_argument("--checkpoint", default=os.environ.get("MAKIMA_TTS_CHECKPOINT"),
                    help="Qwen3-TTS checkpoint folder or Hugging Face repo id (env MAKIMA_TTS_CHECKPOINT)")
     p.add_argument("--ref-audio", help="reference clip of the voice (3-10 s; any rate, mono or stereo)")
@@ -49,7 +62,8 @@ def register(sub) -> None:
     p.add_argument("--voice-prompt", help="a saved voice prompt (.safetensors) instead of --ref-audio")
     p.add_argument("--save-voice-prompt", help="write the computed voice prompt here for reuse")
     p.add_argument("--language", default="auto", help=f"one of: {', '.join(LANGUAGES)}")
-    p.add_argument("-o", "--output", default="out.wav", help="output WAV file ('-' for raw float32 PCM on stdout)")
+    p.add_argument("-o", "--output", default="out.wav",
+                   help="output WAV file ('-' for raw PCM on stdout: float32, or with --server 16-bit little-endian)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -59,8 +73,66 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """The sampling flags as the protocol's `start.sampling` (only those given)."""
+    def stage(prefix: str) -> dict:
+        out = {field: getattr(args, prefix + field) for field in ("temperature", "top_k", "top_p", "repetition_penalty")
+               if getattr(args, prefix + field) is not None}
+        if args.greedy:
+            out["do_sample"] = False
+        return out
+
+    sampling = stage("")
+    predictor = stage("predictor_")
+    if predictor:
+        sampling["predictor"] = predictor
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    return sampling
+
+
+def run_server(args: argparse.Namespace, text: str) -> int:
+    """Through a running server with makima_tts.client (errors: ClientError, a MakimaError)."""
+    from ..client import Client
+
+    settings = {}
+    if args.timeout is not None:
+        settings.update(first_audio_timeout=args.timeout, chunk_gap_timeout=args.timeout)
+    if args.failure_threshold is not None:
+        settings["failure_threshold"] = args.failure_threshold
+    to_stdout = args.output == "-"
+    language = None if args.language == "auto" else args.language
+    with Client(args.server, args.api_key, sampling=sampling_from_args(args) or None, **settings) as client:
+        utterance = client.speak(text, voice=args.voice, language=language, format="pcm_s16le",
+                                 sample_rate=args.sample_rate)
+        if to_stdout:
+            for chunk in utterance:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            return 0
+        import numpy as np
+        import soundfile as sf
+
+        tmp = args.output + ".partial"
+        try:
+            with sf.SoundFile(tmp, "w", samplerate=args.sample_rate, channels=1, subtype="PCM_16",
+                              format="WAV") as out:
+                for chunk in utterance:
+                    out.write(np.frombuffer(chunk, "<i2"))
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        end = utterance.end or {}
+    print(f"wrote {args.output}: {end.get('audio_ms', 0) / 1000:.2f} s of audio from {args.server} "
+          f"(first audio after {(end.get('ttfa_ms') or 0) / 1000:.2f} s)", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Errors (MakimaError) are reported by the dispatcher as `error [CODE]: message`, exit 2."""
+    if args.server:
+        return run_server(args, sys.stdin.read() if args.text == "-" else args.text)
     import numpy as np
     import soundfile as sf
     import torch

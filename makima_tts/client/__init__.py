@@ -7,7 +7,8 @@ from .aio import AsyncClient, ClientSettings, TextStream, Utterance
 from .breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from .errors import (CircuitOpen, ClientClosed, ClientError, ClientTimeout, ConnectError, ConnectionLost,
                      ConnectTimeout, EmptyText, FirstAudioTimeout, GapTimeout, InvalidAudio, InvalidMessage,
-                     InvalidVoiceId, Overloaded, ServerError, SessionTimeout, SynthesisError, TextTooLong,
+                     InvalidVoiceId, Overloaded, RequestTimeout, RequestTooLarge, SendTimeout, ServerShutdown,
+                     ForbiddenOrigin, ServerError, SessionTimeout, SynthesisError, TextTooLong,
                      TTSNotReady, TTSUnavailable, Unauthorized, UnsupportedFormat, UnsupportedLanguage,
                      UploadTooLarge, VoiceBuiltin, VoiceExists, VoiceNotFound)
 from .sync import Client
@@ -18,5 +19,6 @@ __all__ = [
     "ConnectTimeout", "ConnectionLost", "FirstAudioTimeout", "GapTimeout", "InvalidMessage", "EmptyText",
     "TextTooLong", "UnsupportedFormat", "UnsupportedLanguage", "InvalidAudio", "InvalidVoiceId", "UploadTooLarge",
     "VoiceBuiltin", "VoiceNotFound", "VoiceExists", "TTSNotReady", "TTSUnavailable", "SynthesisError", "Overloaded",
-    "SessionTimeout", "Unauthorized",
+    "SessionTimeout", "Unauthorized", "RequestTooLarge", "RequestTimeout", "SendTimeout", "ServerShutdown",
+    "ForbiddenOrigin",
 ]

@@ -118,6 +118,31 @@ class SessionTimeout(ServerError, _server_errors.SessionTimeout):
     code = "SESSION_TIMEOUT"
 
 
+class RequestTooLarge(InvalidMessage):
+    code = "REQUEST_TOO_LARGE"
+
+
+class RequestTimeout(InvalidMessage):
+    code = "REQUEST_TIMEOUT"
+
+
+class SendTimeout(ServerError):
+    """The server cancelled an utterance whose audio this client did not read in time."""
+
+    code = "SEND_TIMEOUT"
+
+
+class ServerShutdown(ServerError):
+    """The server is shutting down; the next call reconnects (to it once it is back)."""
+
+    code = "SERVER_SHUTDOWN"
+    counts_as_failure = True
+
+
+class ForbiddenOrigin(ServerError):
+    code = "FORBIDDEN_ORIGIN"
+
+
 class Unauthorized(ServerError):
     """A bad or missing API key (HTTP 401, WebSocket close 4401)."""
 
@@ -128,7 +153,8 @@ class Unauthorized(ServerError):
 _BY_CODE = {cls.code: cls for cls in (
     InvalidMessage, EmptyText, TextTooLong, UnsupportedFormat, UnsupportedLanguage, InvalidAudio, InvalidVoiceId,
     UploadTooLarge, VoiceBuiltin, VoiceNotFound, VoiceExists, TTSNotReady, TTSUnavailable, SynthesisError,
-    Overloaded, SessionTimeout, Unauthorized)}
+    Overloaded, SessionTimeout, Unauthorized, RequestTooLarge, RequestTimeout, SendTimeout, ServerShutdown,
+    ForbiddenOrigin)}
 
 
 def error_for(code: str, message: str, **kw) -> ServerError:
