@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from makima_tts.client import (AsyncClient, CircuitOpen, Client, ConnectError, ConnectionLost, FirstAudioTimeout,
-                               GapTimeout, Overloaded, TextTooLong, VoiceNotFound)
+                               GapTimeout, Overloaded, TextTooLong, Unauthorized, VoiceNotFound)
 from tests.conftest import REF_TEXT
 from tests.serverproc import ROOT, ServerProcess, free_port
 from tests.wsclient import Client as Raw
@@ -274,16 +274,30 @@ def test_server_killed_breaker_opens_fails_fast_half_opens_and_closes(tiny_check
         s.stop()
 
 
-def test_overloaded_after_retries_with_the_hint(tiny_checkpoint, voices_dir):
-    with ServerProcess(*server_args(tiny_checkpoint, voices_dir, "--max-streams", "1", "--max-queue", "0")) as s:
+def test_overloaded_after_retries_with_the_hint_and_api_keys(tiny_checkpoint, voices_dir):
+    args = server_args(tiny_checkpoint, voices_dir, "--max-streams", "1", "--max-queue", "0", "--api-key", "sesame")
+    with ServerProcess(*args) as s:
         s.wait_ready()
-        with Raw(s.ws_url) as hog:                     # holds the only slot
+
+        async def keys():
+            async with AsyncClient(s.url) as tts:
+                with pytest.raises(Unauthorized):
+                    await tts.speak("Hello world.").read()
+                with pytest.raises(Unauthorized) as e:
+                    await tts.list_voices()
+                assert e.value.status == 401 and tts.state == "closed" and tts.breaker.failures == 0
+            async with AsyncClient(s.url, api_key="sesame") as tts:
+                assert len(await tts.speak("Hello world.").read()) > 0
+                assert "tester" in [v["voice_id"] for v in await tts.list_voices()]
+
+        run(keys())
+        with Raw(s.ws_url + "/api/v1/speak?api_key=sesame") as hog:      # holds the only slot
             hog.recv_json()
             hog.send(type="speak", text=LONG, id="hog")
             hog.until("audio_start", "hog")
 
             async def main():
-                async with AsyncClient(s.url, overload_retries=2, overload_retry_s=0.4) as tts:
+                async with AsyncClient(s.url, "sesame", overload_retries=2, overload_retry_s=0.4) as tts:
                     t0 = time.monotonic()
                     with pytest.raises(Overloaded) as e:
                         await tts.speak("Hello world.").read()
