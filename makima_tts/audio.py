@@ -16,6 +16,8 @@ import io
 import logging
 import os
 import struct
+import threading
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
@@ -308,40 +310,145 @@ def make_encoder(fmt: str, sample_rate: int) -> Encoder:
 
 # --------------------------------------------------------------------------- decoding
 
-_READ_HINT = "supported: wav, flac, mp3, ogg (vorbis/opus), m4a/aac"
+_READ_HINT = "supported: wav, flac, mp3, ogg (vorbis/opus), m4a/aac, webm (opus)"
 
 
-def _read_with_av(data: bytes) -> tuple[np.ndarray, int]:
+@dataclass
+class DecodeBudget:
+    """What one decode may cost: checked from the container's header before decoding, and the
+    decoder stopped as soon as it passes the limit (a header may lie)."""
+
+    max_seconds: float = 60.0
+    max_rate: int = 96000
+    max_channels: int = 2
+    max_concurrent: int = 2
+    wait_s: float = 30.0          # how long a decode waits for its turn before OVERLOADED
+
+    @property
+    def max_samples(self) -> int:
+        return int(self.max_seconds * self.max_rate)
+
+
+_budget = DecodeBudget()
+_decode_slots = threading.BoundedSemaphore(_budget.max_concurrent)
+
+
+def configure_decoding(budget: DecodeBudget) -> None:
+    """Set the process-wide decode budget (the server does, from its settings)."""
+    global _budget, _decode_slots
+    _budget = budget
+    _decode_slots = threading.BoundedSemaphore(max(1, int(budget.max_concurrent)))
+
+
+# The containers accepted (by their first bytes) and, for PyAV, its demuxer for each.
+_DEMUXERS = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "mp4": "mov", "aac": "aac",
+             "webm": "matroska"}
+_CODECS = ("pcm_", "flac", "mp3", "aac", "opus", "vorbis", "alac")
+
+
+def sniff_format(raw: bytes) -> Optional[str]:
+    """The container of an audio file from its first bytes, if it is one we decode; else None."""
+    head = raw[:16]
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:
+        return "aac"            # ADTS
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:
+        return "mp3"            # an MPEG audio frame
+    return None
+
+
+def _too_much(what: str, budget: DecodeBudget) -> InvalidAudio:
+    return InvalidAudio(f"the clip is too large to decode: {what} (limits: {budget.max_seconds:g} s, "
+                        f"{budget.max_rate} Hz, {budget.max_channels} channels); send a 3-10 s clip")
+
+
+def _check_params(seconds: Optional[float], rate: Optional[int], channels: Optional[int],
+                  budget: DecodeBudget) -> None:
+    if rate is not None and rate > budget.max_rate:
+        raise _too_much(f"{rate} Hz", budget)
+    if channels is not None and channels > budget.max_channels:
+        raise _too_much(f"{channels} channels", budget)
+    if seconds is not None and seconds > budget.max_seconds:
+        raise _too_much(f"{seconds:.0f} s", budget)
+
+
+def _read_with_av(data: bytes, fmt: Optional[str] = None, budget: Optional[DecodeBudget] = None
+                  ) -> tuple[np.ndarray, int]:
     import av
 
-    with av.open(io.BytesIO(data), mode="r") as container:
+    budget = budget or _budget
+    with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS.get(fmt) if fmt else None) as container:
         streams = container.streams.audio
         if not streams:
             raise InvalidAudio(f"no audio stream found ({_READ_HINT})")
         stream = streams[0]
+        codec = stream.codec_context.name or ""
+        if not codec.startswith(_CODECS):
+            raise InvalidAudio(f"unsupported audio codec {codec[:32]!r} ({_READ_HINT})")
+        seconds = None
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            seconds = container.duration / 1e6
+        _check_params(seconds, stream.rate or None, stream.channels or None, budget)
         parts = []
         sr = None
+        total = 0
         for frame in container.decode(stream):
-            arr = frame.to_ndarray()
-            fmt = frame.format
             channels = len(frame.layout.channels)
-            if not fmt.is_planar:
+            _check_params(None, frame.sample_rate, channels, budget)
+            arr = frame.to_ndarray()
+            fmt_ = frame.format
+            if not fmt_.is_planar:
                 arr = arr.reshape(-1, channels).T
             if arr.dtype.kind in "iu":
                 arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
             parts.append(np.asarray(arr, dtype=np.float32).mean(axis=0))
             sr = frame.sample_rate
+            total += parts[-1].shape[-1]
+            if total > budget.max_seconds * sr:        # the header lied: stop the decoder now
+                raise _too_much(f"more than {budget.max_seconds:g} s", budget)
     if not parts or sr is None:
         raise InvalidAudio("audio contains no samples")
     return np.concatenate(parts).astype(np.float32), int(sr)
 
 
-def read_audio(data: Union[bytes, bytearray, memoryview, str, os.PathLike]) -> tuple[np.ndarray, int]:
+def _read_with_soundfile(raw: bytes, budget: DecodeBudget) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    with sf.SoundFile(io.BytesIO(raw)) as f:
+        frames = f.frames if 0 <= f.frames < (1 << 62) else None
+        _check_params(frames / f.samplerate if frames is not None and f.samplerate > 0 else None,
+                      f.samplerate, f.channels, budget)
+        limit = int(budget.max_seconds * f.samplerate)
+        x = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+        sr = f.samplerate
+    if len(x) > limit:
+        raise _too_much(f"more than {budget.max_seconds:g} s", budget)
+    pcm = x.mean(axis=1).astype(np.float32) if x.shape[1] > 1 else x[:, 0].copy()
+    return pcm, int(sr)
+
+
+def read_audio(data: Union[bytes, bytearray, memoryview, str, os.PathLike],
+               budget: Optional[DecodeBudget] = None) -> tuple[np.ndarray, int]:
     """Decode an audio file (bytes or a path) to (float32 mono PCM, sample rate).
 
-    Multi-channel audio is mixed down to mono. soundfile (libsndfile) reads wav, flac, ogg and
-    mp3; anything else (m4a/aac, odd wavs) goes through PyAV when it is installed.
-    Raises InvalidAudio for missing, empty or undecodable input.
+    Multi-channel audio is mixed down to mono. Only the containers of `sniff_format` are read;
+    soundfile (libsndfile) reads wav, flac, ogg and mp3; m4a/aac and webm go through PyAV when it
+    is installed. Every decode is under a budget (DecodeBudget: duration, rate and channels from
+    the header before decoding, the decoder stopped past the limit, a few decodes at once).
+    Raises InvalidAudio for missing, empty, too large or undecodable input.
     """
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
@@ -349,29 +456,42 @@ def read_audio(data: Union[bytes, bytearray, memoryview, str, os.PathLike]) -> t
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError as e:
-            raise InvalidAudio(f"cannot read audio file {path!r}: {e.strerror or e}") from e
+            raise InvalidAudio(f"cannot read audio file {os.path.basename(path)!r}: {e.strerror or e}") from e
     elif isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
     else:
         raise InvalidAudio(f"expected audio bytes or a file path, got {type(data).__name__}")
     if not raw:
         raise InvalidAudio("audio is empty (0 bytes)")
+    fmt = sniff_format(raw)
+    if fmt is None:
+        raise InvalidAudio(f"could not decode the audio: not a recognised audio file ({_READ_HINT})")
+    budget = budget or _budget
+    slots = _decode_slots
+    if not slots.acquire(timeout=budget.wait_s):
+        from .errors import Overloaded
 
+        raise Overloaded("too many clips are being decoded at once; retry shortly")
+    try:
+        return _decode(raw, fmt, budget)
+    finally:
+        slots.release()
+
+
+def _decode(raw: bytes, fmt: str, budget: DecodeBudget) -> tuple[np.ndarray, int]:
     errors = []
+    if fmt in ("wav", "flac", "ogg", "mp3"):
+        try:
+            pcm, sr = _read_with_soundfile(raw, budget)
+            if len(pcm) == 0:
+                raise InvalidAudio("audio contains no samples")
+            return np.ascontiguousarray(pcm), sr
+        except InvalidAudio:
+            raise
+        except Exception as e:  # libsndfile could not read it: try FFmpeg
+            errors.append(f"soundfile: {e}")
     try:
-        import soundfile as sf
-
-        x, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
-        pcm = x.mean(axis=1).astype(np.float32) if x.shape[1] > 1 else x[:, 0].copy()
-        if len(pcm) == 0:
-            raise InvalidAudio("audio contains no samples")
-        return np.ascontiguousarray(pcm), int(sr)
-    except InvalidAudio:
-        raise
-    except Exception as e:  # libsndfile could not read it: try FFmpeg
-        errors.append(f"soundfile: {e}")
-    try:
-        pcm, sr = _read_with_av(raw)
+        pcm, sr = _read_with_av(raw, fmt, budget)
     except InvalidAudio:
         raise
     except ImportError:

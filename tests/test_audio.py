@@ -342,3 +342,91 @@ def test_time_stretch_silence_and_empty():
 def test_time_stretch_rejects_out_of_range(speed):
     with pytest.raises(ValueError):
         time_stretch(tone(), SR, speed)
+
+
+# --------------------------------------------------------------------------- decoding under a budget (issue 15)
+
+
+def _flac(seconds: float, rate: int, channels: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((int(seconds * rate), channels), np.int16), rate, format="FLAC")
+    return buf.getvalue()
+
+
+def test_decode_budget_refuses_from_the_header_before_decoding(monkeypatch):
+    """A small FLAC that says 119 s at 192 kHz x 8 channels is refused from its header: no sample is
+    decoded (the decoder is never asked to read)."""
+    import soundfile as sf
+
+    from makima_tts.audio import DecodeBudget, read_audio
+    from makima_tts.errors import InvalidAudio
+
+    bomb = _flac(119, 192000, 8)
+    assert len(bomb) < 2_000_000
+    reads = []
+    original = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: reads.append(1) or original(self, *a, **k))
+    budget = DecodeBudget(max_seconds=60, max_rate=96000, max_channels=2)
+    for data in (bomb, _flac(1, 192000, 1), _flac(1, 24000, 8), _flac(90, 8000, 1)):
+        with pytest.raises(InvalidAudio, match="too large to decode"):
+            read_audio(data, budget)
+    assert reads == []
+    pcm, sr = read_audio(_flac(3, 48000, 2), budget)
+    assert sr == 48000 and len(pcm) == 3 * 48000
+
+
+def test_decoder_is_stopped_past_the_limit_when_the_header_says_nothing():
+    """An ADTS AAC stream (no duration in any header) of 20 s, with a 5 s budget: the decoder stops."""
+    av = pytest.importorskip("av")
+    from makima_tts.audio import DecodeBudget, _read_with_av, make_encoder
+    from makima_tts.errors import InvalidAudio
+
+    enc = make_encoder("aac", 24000)
+    data = enc.encode(np.zeros(20 * 24000, np.float32)) + enc.finish()
+    with pytest.raises(InvalidAudio, match="too large to decode"):
+        _read_with_av(data, "aac", DecodeBudget(max_seconds=5))
+    pcm, sr = _read_with_av(data, "aac", DecodeBudget(max_seconds=60))
+    assert len(pcm) >= 19 * sr
+    del av
+
+
+def test_only_listed_formats_are_decoded():
+    from makima_tts.audio import read_audio, sniff_format
+    from makima_tts.errors import InvalidAudio
+
+    assert sniff_format(_flac(1, 24000, 1)) == "flac"
+    for data in (b"<svg xmlns='http://www.w3.org/2000/svg'/>", b"\x00\x00\x01\xba" + b"\x00" * 100,  # MPEG-PS
+                 b"GIF89a" + b"\x00" * 100):
+        with pytest.raises(InvalidAudio, match="not a recognised audio file"):
+            read_audio(data)
+
+
+def test_concurrent_decodes_are_limited(monkeypatch):
+    import threading
+
+    from makima_tts import audio
+    from makima_tts.errors import Overloaded
+
+    audio.configure_decoding(audio.DecodeBudget(max_concurrent=1, wait_s=0.01))
+    try:
+        held = threading.Event()
+        release = threading.Event()
+        original = audio._decode
+
+        def slow(raw, fmt, budget):
+            held.set()
+            release.wait(30)
+            return original(raw, fmt, budget)
+
+        monkeypatch.setattr(audio, "_decode", slow)
+        t = threading.Thread(target=audio.read_audio, args=(_flac(1, 24000, 1),))
+        t.start()
+        assert held.wait(30)
+        with pytest.raises(Overloaded):
+            audio.read_audio(_flac(1, 24000, 1))
+        release.set()
+        t.join(30)
+    finally:
+        audio.configure_decoding(audio.DecodeBudget())

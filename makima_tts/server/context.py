@@ -60,6 +60,11 @@ class ServerContext:
         self.sessions: set = set()       # open WebSocket sessions (server.session.Session)
         self.synths: set = set()         # utterances generating now (server.stream.Synthesis)
         self.draining = False            # shutting down: no new work
+        from ..audio import DecodeBudget, configure_decoding
+
+        configure_decoding(DecodeBudget(max_seconds=settings.max_decode_seconds, max_rate=settings.max_decode_rate,
+                                        max_channels=settings.max_decode_channels,
+                                        max_concurrent=settings.max_concurrent_decodes))
         if engine is not None:
             self._set_engine(engine, "engine given by the caller")
 
