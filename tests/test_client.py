@@ -274,8 +274,9 @@ def test_server_killed_breaker_opens_fails_fast_half_opens_and_closes(tiny_check
         s.stop()
 
 
-def test_overloaded_after_retries_with_the_hint_and_api_keys(tiny_checkpoint, voices_dir):
-    args = server_args(tiny_checkpoint, voices_dir, "--max-streams", "1", "--max-queue", "0", "--api-key", "sesame")
+def test_overloaded_after_retries_with_the_hint_api_keys_and_idle_reconnect(tiny_checkpoint, voices_dir):
+    args = server_args(tiny_checkpoint, voices_dir, "--max-streams", "1", "--max-queue", "0", "--api-key", "sesame",
+                       "--session-idle-timeout", "1")
     with ServerProcess(*args) as s:
         s.wait_ready()
 
@@ -289,6 +290,10 @@ def test_overloaded_after_retries_with_the_hint_and_api_keys(tiny_checkpoint, vo
             async with AsyncClient(s.url, api_key="sesame") as tts:
                 assert len(await tts.speak("Hello world.").read()) > 0
                 assert "tester" in [v["voice_id"] for v in await tts.list_voices()]
+                await asyncio.sleep(2.5)           # the server closes the idle session (SESSION_TIMEOUT, 4408)
+                assert tts.connections_opened == 1 and tts._conn.closed.is_set()
+                assert len(await tts.speak("Hello world.").read()) > 0      # reopened, nothing raised
+                assert tts.connections_opened == 2 and tts.breaker.failures == 0
 
         run(keys())
         with Raw(s.ws_url + "/api/v1/speak?api_key=sesame") as hog:      # holds the only slot

@@ -403,9 +403,10 @@ class Utterance(_Stream):
                         raise _Dropped(value)
             except _Dropped as d:
                 err = d.error
-                if isinstance(err, Unauthorized) or not err.counts_as_failure:
+                if isinstance(err, Unauthorized):
                     raise err from None
-                c._failure(err)
+                if err.counts_as_failure:       # (not e.g. the server's idle timeout racing this call)
+                    c._failure(err)
                 if got_audio or drops >= 1:
                     if isinstance(err, ConnectionLost):
                         err = ConnectionLost(f"utterance {self.id}: {err.message}", utterance_id=self.id)
@@ -556,9 +557,10 @@ class TextStream(_Stream):
                             raise _Dropped(value)
                 except _Dropped as d:
                     err = d.error
-                    if isinstance(err, Unauthorized) or not err.counts_as_failure:
+                    if isinstance(err, Unauthorized):
                         raise err from None
-                    c._failure(err)
+                    if err.counts_as_failure:
+                        c._failure(err)
                     if got_audio or drops >= 1:
                         raise err from None
                     drops += 1                  # no audio yet: replay the text on a new connection
