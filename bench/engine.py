@@ -93,6 +93,7 @@ def run_ours(args) -> dict:
         ttfa_s=round(stats["ttfa_s"], 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
         prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
         peak_rss_mb=round(peak_rss_mb()), quantize=engine.quantize,
+        weights=getattr(engine, "load_info", {}).get("weights"),
     )
 
 
@@ -223,7 +224,7 @@ def main() -> None:
     ap.add_argument("--warmup-frames", type=int, default=12, help="frames generated once before timing")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"), help="where built checkpoints are kept")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--quantize", "--quant", default="none",
+    ap.add_argument("--quantize", "--quant", default="auto",
                     help="our engine's weights: none, int8, int8-dynamic; a comma list runs each (same run)")
     ap.add_argument("--peer", default="", help="also run a peer in the same run: vox (vox-tts 0.19.5, q8)")
     ap.add_argument("--batch", type=int, default=0, help="also run our engine with N concurrent batched streams")

@@ -25,8 +25,14 @@ SPECIAL_TEXT_TOKENS = {
 }
 
 
-def _talker_config(tiny: bool) -> dict:
-    if tiny:
+def _talker_config(tiny: bool, mid: bool = False) -> dict:
+    if mid:         # between the two: a 151936 x 512 text embedding (311 MB in float32), 4 layers of width 256
+        geo = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, text_hidden_size=512)
+        mrope = [16, 8, 8]
+        cp = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64)
+    elif tiny:
         geo = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, text_hidden_size=64)
         mrope = [4, 2, 2]
@@ -54,9 +60,9 @@ def _talker_config(tiny: bool) -> dict:
     )
 
 
-def model_config(tiny: bool) -> dict:
-    talker = _talker_config(tiny)
-    if tiny:
+def model_config(tiny: bool, mid: bool = False) -> dict:
+    talker = _talker_config(tiny, mid)
+    if tiny or mid:
         spk = dict(mel_dim=128, enc_dim=talker["hidden_size"], enc_channels=[32, 32, 32, 32, 96],
                    enc_kernel_sizes=[5, 3, 3, 3, 1], enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=16,
                    enc_res2net_scale=4, enc_se_channels=16, sample_rate=24000)
@@ -204,8 +210,10 @@ def _randomize_model(model, seed: int, tiny: bool) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def build_checkpoint(out: str | os.PathLike, tiny: bool = True, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random-weight checkpoint in the official layout to `out` (atomically) and return it."""
+def build_checkpoint(out: str | os.PathLike, tiny: bool = True, seed: int = 0, dtype: str = "float32",
+                     mid: bool = False) -> Path:
+    """Write a random-weight checkpoint in the official layout to `out` (atomically) and return it.
+    mid: a mid-size talker (the tiny codec), for memory tests."""
     import torch
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
     from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
@@ -217,13 +225,13 @@ def build_checkpoint(out: str | os.PathLike, tiny: bool = True, seed: int = 0, d
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "speech_tokenizer").mkdir(parents=True)
     torch.manual_seed(seed)
-    cfg = model_config(tiny)
+    cfg = model_config(tiny, mid)
     model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**cfg))
-    _randomize_model(model, seed, tiny)
+    _randomize_model(model, seed, tiny or mid)
     torch_dtype = getattr(torch, dtype)
     model.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
     del model
-    codec_cfg = codec_config(tiny)
+    codec_cfg = codec_config(tiny or mid)
     codec = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**codec_cfg))
     _randomize_codec(codec, seed + 1)
     codec.save_pretrained(tmp / "speech_tokenizer", safe_serialization=True)

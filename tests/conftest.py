@@ -13,6 +13,15 @@ warnings.filterwarnings("ignore")
 REF_TEXT = "Hello world. This is a test of the voice."
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory) -> Path:
+    """Quantized weights are cached in a folder of this test session (engines and server children
+    read MAKIMA_TTS_WEIGHTS_CACHE), never in the user's cache."""
+    path = tmp_path_factory.mktemp("weights-cache")
+    os.environ["MAKIMA_TTS_WEIGHTS_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from tests.checkpoints import build_checkpoint

@@ -289,3 +289,30 @@ def test_api_and_errors(engine, voice, batched, ref_clip):
     with pytest.raises(TypeError):
         list(batched.stream(TEXTS[0], "not a prompt"))
     assert not batched.running
+
+
+@pytest.fixture(scope="module")
+def default_engine(tiny_checkpoint):
+    """The default CPU path: quantize="auto" (int8 weights in our format)."""
+    from makima_tts.engine.qwen3 import Qwen3Engine
+
+    e = Qwen3Engine.load(tiny_checkpoint)
+    assert e.quantize == "int8"
+    return e
+
+
+@pytest.mark.parametrize("others", [1, 7])
+def test_default_path_batched_equals_alone(default_engine, voice, xvoice, others):
+    """The default path's codes in a batch (joiners prefilled together, padded to one length; up to 8
+    rows through the int8 kernel) equal its codes alone."""
+    be = BatchedEngine(default_engine, max_batch=8)
+    try:
+        pool = [(TEXTS[i % 4], xvoice if i % 2 else voice, greedy(20 + 3 * i) if i % 3 else sampled(24, seed=i))
+                for i in range(1, 8)]
+        specs = [(TEXTS[0], voice, greedy(30))] + pool[:others]
+        runners = start_together(be, specs)
+        for r, (text, v, s) in zip(runners, specs):
+            assert torch.equal(r.codes(), solo(default_engine, text, v, s)), text
+        assert be.counters["max_rows"] == len(specs)
+    finally:
+        be.close()

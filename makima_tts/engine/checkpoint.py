@@ -193,33 +193,32 @@ def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quan
         cache = QuantCache(Path(cache_dir), fingerprint(ck.folder), dtype)
     with torch.device("meta"):
         talker = Talker(ck.config)
-    path = ck.folder / "model.safetensors"
+    from .weights import SafetensorsFile
+
+    f = SafetensorsFile(ck.folder / "model.safetensors")
+    names = set(f.keys())
+
+    def read(name: str) -> torch.Tensor:
+        parts = checkpoint_names("talker." + name)
+        missing = [p for p in parts if p not in names]
+        if missing:
+            raise CheckpointError(f"talker: tensor {missing[0]} is missing from the checkpoint")
+        ts = [f.read(p) for p in parts]
+        return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+    if "talker.model.text_embedding.weight" not in names:
+        raise CheckpointError("talker: tensor talker.model.text_embedding.weight is missing from the checkpoint")
+    text_embedding = f.mmap("talker.model.text_embedding.weight")
+    _check_shape("model.text_embedding.weight", text_embedding, talker.model.text_embedding.weight)
+    stored = cache.load() if cache is not None else None
     source = "checkpoint"
-    try:
-        with safe_open_checked(path) as f:
-            names = set(f.keys())
-
-            def read(name: str) -> torch.Tensor:
-                parts = checkpoint_names("talker." + name)
-                missing = [p for p in parts if p not in names]
-                if missing:
-                    raise CheckpointError(f"talker: tensor {missing[0]} is missing from the checkpoint")
-                ts = [f.get_tensor(p) for p in parts]
-                return ts[0] if len(ts) == 1 else torch.cat(ts)
-
-            text_embedding = read("model.text_embedding.weight")
-            stored = cache.load() if cache is not None else None
-            if stored is not None:
-                _assign_quantized(talker, stored, device)
-                source = "cache"
-            else:
-                _stream_in(talker, read, device, dtype, quantize)
-                if cache is not None:
-                    cache.save(talker)
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if stored is not None:
+        _assign_quantized(talker, stored, device)
+        source = "cache"
+    else:
+        _stream_in(talker, read, device, dtype, quantize)
+        if cache is not None:
+            cache.save(talker)
     # kept memory-mapped, as stored (bfloat16 on the hub): Talker.embed_text casts the looked-up rows
     talker.model.text_embedding.weight = torch.nn.Parameter(text_embedding.to(device), requires_grad=False)
     return talker.eval(), quantize, source
@@ -253,8 +252,7 @@ def _stream_in(talker, read, device, dtype, quantize: str) -> None:
                 continue
             t = read(prefix + name)
             _check_shape(prefix + name, t, ref)
-            # a copy in the float dtype: a tensor kept from the mapped file would pin its pages
-            t = t.to(device=device, dtype=dtype, copy=True) if t.is_floating_point() else t.to(device, copy=True)
+            t = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
             _set_tensor(module, name, t)
 
 
@@ -278,25 +276,6 @@ def _assign_quantized(talker, stored: dict, device) -> None:
             if t is None or tuple(t.shape) != tuple(ref.shape):
                 raise CheckpointError(f"quantized weights cache: {prefix + name} missing or of the wrong shape")
             _set_tensor(module, name, t.to(device))
-
-
-class safe_open_checked:
-    """safetensors' safe_open as a context manager that keeps the file mapped for the tensors read from it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        from safetensors import safe_open
-
-        try:
-            self.f = safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{self.path} is not a readable safetensors file ({exc})") from exc
-        return self.f.__enter__()
-
-    def __exit__(self, *exc):
-        return self.f.__exit__(*exc)
 
 
 class QuantCache:

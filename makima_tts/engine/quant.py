@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32          # weights per scale
 GROUP = 512         # the kernel's fast path: in_features a multiple of 512 (else a plain C++ loop)
-KERNEL_ROWS = 16    # activation rows per kernel call (its fast path takes up to 16)
+KERNEL_ROWS = 1 << 30  # activation rows per kernel call (it takes any number)
 PREFILL_ROWS = 64   # more activation rows than this (prefill): dequantize and use torch's float matrix product
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int8-dynamic")
 

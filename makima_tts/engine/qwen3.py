@@ -34,6 +34,17 @@ MIN_REF_SECONDS = 1.0
 MAX_REF_SECONDS = 60.0
 
 
+def default_weights_cache() -> Path:
+    """Where quantized weights are kept between starts: MAKIMA_TTS_WEIGHTS_CACHE, else the user's
+    cache folder (~/.cache/makima-tts/weights on Linux)."""
+    env = os.environ.get("MAKIMA_TTS_WEIGHTS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("makima-tts")) / "weights"
+
+
 def _speaker_tensors(ck: Checkpoint) -> dict[str, torch.Tensor]:
     """The speaker encoder's tensors, copied: a tensor kept from the memory-mapped file would keep
     every page of it resident."""
@@ -147,13 +158,14 @@ class Qwen3Engine:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-             quantize: Optional[str] = "auto", weights_cache: Optional[str | os.PathLike] = None) -> "Qwen3Engine":
+             quantize: Optional[str] = "auto", weights_cache: Optional[str | os.PathLike] = "auto") -> "Qwen3Engine":
         """`quantize`: "auto" (default: "int8" on the CPU, the float `dtype` on CUDA), "none" (weights in
         `dtype`), or int8 weights for the talker's and the code predictor's linear layers (CPU, float32):
         "int8" (blocks of 32, our kernel; activations kept to 16 bits) or "int8-dynamic" (torch's
         dynamic quantization: activations rounded to 8 bits, more error). See engine/quant.py and
         bench/RESULTS.md. `weights_cache`: a folder where "int8" weights are stored once and
-        memory-mapped on the next load (None: quantize at every load)."""
+        memory-mapped on the next load ("auto": the user cache folder, see `default_weights_cache`;
+        None: quantize at every load)."""
         from .quant import QUANTIZE_CHOICES
 
         quantize = (quantize or "auto").lower()
@@ -166,6 +178,8 @@ class Qwen3Engine:
             raise ValueError("int8 weights run on the CPU with dtype float32")
         t0 = time.perf_counter()
         ck = Checkpoint.open(checkpoint)
+        if weights_cache == "auto":
+            weights_cache = default_weights_cache()
         talker, method, source = load_talker(ck, dev, dt, quantize,
                                              Path(weights_cache) if weights_cache is not None else None)
         speaker = SpeakerEncoder.load(_speaker_tensors(ck), ck.config.get("speaker_encoder_config", {}),

@@ -77,3 +77,68 @@ class Weights:
         return self._tensors.get(self.prefix + name)
 
     __getitem__ = get
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One safetensors file, read tensor by tensor without mapping the whole file.
+
+    safetensors' own `safe_open` maps the whole file: every page a loader touches stays resident
+    for as long as any tensor of it is alive. Here `read(name)` copies one tensor into fresh memory
+    (freed with it; the page cache is not this process's memory) and `mmap(name)` maps only that
+    tensor's bytes (for a large table of which only looked-up rows are read, e.g. the text embedding).
+    The format is a little-endian u64 header length, a JSON header, then the raw tensor bytes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or n > 100 * 2**20:
+                    raise ValueError("bad header length")
+                header = json.loads(f.read(n))
+            self.data_start = 8 + n
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.entries = header
+            size = self.path.stat().st_size
+            for name, e in header.items():
+                if e["dtype"] not in _DTYPES or e["data_offsets"][1] + self.data_start > size:
+                    raise ValueError(f"tensor {name} is out of bounds or of an unknown dtype")
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path.name}: file not found") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.path.name}: corrupt or unreadable safetensors file ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def _where(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        e = self.entries.get(name)
+        if e is None:
+            raise CheckpointError(f"{self.path.name}: tensor {name!r} is missing")
+        start, end = e["data_offsets"]
+        return _DTYPES[e["dtype"]], tuple(e["shape"]), self.data_start + start, end - start
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, offset, nbytes = self._where(name)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf.numpy()) != nbytes:
+                raise CheckpointError(f"{self.path.name}: tensor {name!r} is truncated")
+        return buf.view(dtype).reshape(shape)
+
+    def mmap(self, name: str) -> torch.Tensor:
+        import numpy as np
+
+        dtype, shape, offset, nbytes = self._where(name)
+        # copy-on-write mapping of just these bytes (never written: a read-only view for torch)
+        arr = np.memmap(self.path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
+        return torch.from_numpy(arr).view(dtype).reshape(shape)

@@ -8,7 +8,7 @@
 // out (M, N) = x (M, K) . dequant(w, s)^T with w (N, K) int8 and s (N, K / 32) float32, one scale per
 // block of 32 consecutive weights of a row.
 //
-// Fast path (AVX-512 VNNI, K % 512 == 0, up to 16 activation rows, e.g. batched streams): within each group of 512 weights
+// Fast path (AVX-512 VNNI, K % 512 == 0, any number of activation rows: batched streams, prompts): within each group of 512 weights
 // (16 blocks) w is stored permuted so that lane i of a 16-lane int32 multiply-add accumulates block
 // i: position (j * 16 + i) * P + p holds weight 32 * i + P * j + p of the group, P = 2: the
 // activations are rounded to int16 with one scale per row (relative error ~1e-5, so the error is the
@@ -106,7 +106,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     const float* sp = s.data_ptr<float>();
     float* op = out.data_ptr<float>();
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (M <= 16 && K % 512 == 0) {
+    if (K % 512 == 0) {
         // activations -> int16 (one scale per row), then pairs moved to the stored order: the 16 x 16
         // int32 transpose (block i, pair j) -> (pair j, block i) within each group of 512
         std::vector<int16_t> xn(K), xq(M * K);
@@ -130,26 +130,30 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
                     for (int j = 0; j < 16; ++j) dst[g + j * 16 + i] = src[g + i * 16 + j];
         }
         const int16_t* xqp = xq.data();
+        // per weight row and group of 512: the 16 chunks of 32 weights are widened to int16 once, then
+        // used for every activation row (batched streams, chunks of a prompt)
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            std::vector<__m512> acc(M);
             for (int64_t n = n0; n < n1; ++n) {
                 const int8_t* wr = wp + n * K;
                 const float* sr = sp + n * nb;
-                for (int64_t m = 0; m < M; ++m) {
-                    const int16_t* xr = xqp + m * K;
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t g = 0; g < K; g += 512) {
+                for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < K; g += 512) {
+                    __m512i wv[16];
+                    for (int c = 0; c < 16; ++c)
+                        wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + 32 * c)));
+                    const __m512 sc = _mm512_loadu_ps(sr + g / 32);
+                    for (int64_t m = 0; m < M; ++m) {
+                        const int16_t* xr = xqp + m * K + g;
                         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-                        for (int64_t j = 0; j < 512; j += 64) {
-                            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + j)));
-                            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + j + 32)));
-                            a0 = _mm512_dpwssd_epi32(a0, w0, _mm512_loadu_si512((const void*)(xr + g + j)));
-                            a1 = _mm512_dpwssd_epi32(a1, w1, _mm512_loadu_si512((const void*)(xr + g + j + 32)));
+                        for (int c = 0; c < 16; c += 2) {
+                            a0 = _mm512_dpwssd_epi32(a0, wv[c], _mm512_loadu_si512((const void*)(xr + 32 * c)));
+                            a1 = _mm512_dpwssd_epi32(a1, wv[c + 1], _mm512_loadu_si512((const void*)(xr + 32 * c + 32)));
                         }
-                        __m512 blocks = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-                        acc = _mm512_fmadd_ps(blocks, _mm512_loadu_ps(sr + g / 32), acc);
+                        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), sc, acc[m]);
                     }
-                    op[m * N + n] = _mm512_reduce_add_ps(acc) * xs[m];
                 }
+                for (int64_t m = 0; m < M; ++m) op[m * N + n] = _mm512_reduce_add_ps(acc[m]) * xs[m];
             }
         });
         return out;
