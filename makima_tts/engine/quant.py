@@ -63,7 +63,8 @@ def kernel():
                     os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
                 _ext = load(name=f"makima_int8_linear_{KERNEL_VERSION}", sources=[str(_SOURCE)],
-                            extra_cflags=["-O3", "-march=native"], verbose=False)
+                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                            verbose=False)   # -fopenmp: without it at::parallel_for runs on one thread
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
                 log.warning("int8 kernel unavailable (%s); using torch dynamic quantization", _ext_error)
