@@ -90,9 +90,16 @@ class NotReady(MakimaError):
 
 
 class Overloaded(MakimaError):
-    """Every generation slot is busy and the wait queue is full."""
+    """Every generation slot is busy and the wait queue is full (or a session's own queue is).
+    `retry_after_ms`: the server's estimate of when to retry (WebSocket `retry_after_ms`, HTTP
+    `Retry-After` in whole seconds)."""
 
     code = "OVERLOADED"
+    DEFAULT_RETRY_AFTER_MS = 1000
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_ms: int | None = None):
+        super().__init__(message, code=code)
+        self.retry_after_ms = int(self.DEFAULT_RETRY_AFTER_MS if retry_after_ms is None else retry_after_ms)
 
 
 class SendTimeout(MakimaError):

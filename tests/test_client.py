@@ -306,8 +306,9 @@ def test_overloaded_after_retries_with_the_hint_api_keys_and_idle_reconnect(tiny
                     t0 = time.monotonic()
                     with pytest.raises(Overloaded) as e:
                         await tts.speak("Hello world.").read()
-                    assert time.monotonic() - t0 >= 0.8            # two waits of the hint, then the error
-                    assert e.value.retry_after == 0.4 and "busy" in e.value.message
+                    hint = e.value.retry_after                     # the server's retry_after_ms (issue 15)
+                    assert hint is not None and hint != 0.4 and 0.1 <= hint <= 30 and "busy" in e.value.message
+                    assert time.monotonic() - t0 >= 2 * hint - 0.05   # two waits of the hint, then the error
                     assert tts.breaker.failures == 1               # counted once, after the retries
 
             run(main())

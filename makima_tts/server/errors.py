@@ -1,6 +1,7 @@
 """Errors over HTTP: OpenAI's error shape, with our stable code."""
 from __future__ import annotations
 
+import math
 import re
 
 from fastapi import Request
@@ -39,10 +40,19 @@ def error_body(code: str, message: str, status: int, param: str | None = None) -
                       "code": code}}
 
 
+def retry_after_header(exc: Exception) -> dict:
+    """`Retry-After` (whole seconds, at least 1) for an error that carries a retry hint (OVERLOADED)."""
+    ms = getattr(exc, "retry_after_ms", None)
+    if not isinstance(ms, (int, float)) or ms < 0:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(ms / 1000.0)))}
+
+
 def error_response(exc: Exception, status: int | None = None) -> JSONResponse:
     if isinstance(exc, MakimaError):
         status = status or http_status(exc)
-        return JSONResponse(error_body(exc.code, exc.message, status), status_code=status)
+        return JSONResponse(error_body(exc.code, exc.message, status), status_code=status,
+                            headers=retry_after_header(exc) or None)
     status = status or 500
     return JSONResponse(error_body("INTERNAL_ERROR", "internal error", status), status_code=status)
 

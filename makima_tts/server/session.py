@@ -369,6 +369,8 @@ class Session:
                "recoverable": e.recoverable if recoverable is None else recoverable}
         if id is not None:
             msg["id"] = id[:128]
+        if isinstance(getattr(e, "retry_after_ms", None), int):     # OVERLOADED: when to retry
+            msg["retry_after_ms"] = e.retry_after_ms
         await self.send(msg, timeout=timeout)
 
     async def send(self, obj: dict, timeout: Optional[float] = None) -> None:
