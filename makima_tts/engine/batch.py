@@ -144,8 +144,17 @@ class BatchedEngine:
     def _request(self, text, voice, language, settings, cancel) -> _Stream:
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        row = self.engine.plan(text, voice, language, settings)
-        return _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel)
+        row = self.engine.plan(text, voice, language, settings, cancel)
+        if row is None:                          # cancelled while waiting for its text
+            return None
+        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel)
+        if s.feed is not None:
+            s.feed.listen(self._poke)            # the scheduler waits for text as a row runs dry
+        return s
+
+    def _poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _submit(self, s: _Stream) -> None:
         with self._cond:
@@ -164,6 +173,8 @@ class BatchedEngine:
         """Codec frames (16,) int64 as the scheduler makes them (like Qwen3Engine.frames)."""
         settings = settings or self.engine.defaults
         s = self._request(text, voice, language, settings, cancel)
+        if s is None:
+            return
         self._submit(s)
         try:
             while True:
@@ -275,16 +286,15 @@ class BatchedEngine:
 
     def _frame(self) -> None:
         gen = self._gen
-        rows = list(gen.rows)
-        b = len(rows)
+        b = len(gen.rows)
         t1 = time.perf_counter()
-        frames = gen.complete()                     # (b, G)
+        done = gen.complete()                       # [(row, frame)] of rows that had no frame pending
         dt = time.perf_counter() - t1
-        for i, s in enumerate(rows):
-            s.out.put(frames[i].clone())
+        for s, frame in done:
+            s.out.put(frame.clone())
             s.timings["predictor_s"] += dt
             s.timings["batch_rows_sum"] += b
-        self.counters["frames"] += b
+        self.counters["frames"] += len(done)
         self.counters["steps"] += 1
         self.counters["max_rows"] = max(self.counters["max_rows"], b)
         try:
@@ -293,10 +303,14 @@ class BatchedEngine:
                 self._drop_finished()
             if gen.rows:
                 t3 = time.perf_counter()
-                gen.advance()
+                moved = gen.advance()
                 dt = time.perf_counter() - t3
                 for s in gen.rows:
                     s.timings["talker_s"] += dt
+                if not moved and not done:           # every row waits for its text
+                    with self._cond:
+                        if not self._closed and not self._waiting:
+                            self._cond.wait(_POLL_S)
         finally:
             if self.on_step is not None:
                 self.on_step(b)

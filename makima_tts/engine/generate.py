@@ -12,8 +12,10 @@ scheduler runs the same steps for many.
 """
 from __future__ import annotations
 
+import re
+import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -55,10 +57,12 @@ class Prompt:
     embeds: torch.Tensor          # (1, n, hidden): the prefill
     trailing: torch.Tensor        # (1, m, hidden): text fed one per generated frame, then tts_pad
     pad_embed: torch.Tensor       # (1, 1, hidden)
+    eos_embed: torch.Tensor       # (1, 1, hidden): ends the text track (appended at a feed's close)
 
 
 def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: VoicePrompt,
-                 language_id: Optional[int], ref_text_ids: Optional[list[int]] = None) -> Prompt:
+                 language_id: Optional[int], ref_text_ids: Optional[list[int]] = None,
+                 complete: bool = True) -> Prompt:
     """The talker prompt for `text_ids` (the target text's tokens, without chat framing).
 
     Layout (each position is a text-side embedding plus a codec-side embedding):
@@ -69,6 +73,11 @@ def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: Vo
     codec_bos + the reference frames (what does not fit trails, one per frame);
     in x-vector mode the first text token over codec_bos, the rest trailing.
     `role_ids` are the 3 tokens of "<|im_start|>assistant\\n", passed in `text_ids`' caller.
+
+    complete=False (text still arriving, see TextFeed): the tokens so far, no tts_eos yet; the
+    rest of the text and tts_eos are appended to `trailing` as they come. The layout is the one
+    above, so the codes are those of the whole text: an ICL prompt then needs at least
+    `tokens_needed` tokens (its text must cover the reference frames), an x-vector prompt one.
     """
     dev = talker.device
     dtype = talker.dtype
@@ -91,11 +100,15 @@ def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: Vo
     if voice.icl:
         if voice.ref_codes is None or ref_text_ids is None:
             raise ValueError("an ICL voice prompt needs reference codes and a transcript")
-        text_e = torch.cat([talker.embed_text(t(ref_text_ids + body_ids)), eos_e], dim=1)
+        text_e = talker.embed_text(t(ref_text_ids + body_ids))
+        if complete:
+            text_e = torch.cat([text_e, eos_e], dim=1)
         codes = voice.ref_codes.to(dev).long().unsqueeze(0)               # (1, T, G)
         codec_e = torch.cat([codec_bos_e, talker.embed_frame(codes)], dim=1)
         n_text, n_codec = text_e.shape[1], codec_e.shape[1]
-        if n_text > n_codec:
+        if not complete and n_text < n_codec:
+            raise ValueError(f"an ICL prompt needs {n_codec - len(ref_text_ids)} tokens of text to start")
+        if n_text > n_codec or not complete:
             parts.append(text_e[:, :n_codec] + codec_e)
             trailing = text_e[:, n_codec:]
         else:
@@ -103,8 +116,99 @@ def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: Vo
             trailing = pad_e
     else:
         parts.append(talker.embed_text(t(body_ids[:1])) + codec_bos_e)
-        trailing = torch.cat([talker.embed_text(t(body_ids[1:])), eos_e], dim=1)
-    return Prompt(embeds=torch.cat(parts, dim=1), trailing=trailing, pad_embed=pad_e)
+        trailing = talker.embed_text(t(body_ids[1:]))
+        if complete:
+            trailing = torch.cat([trailing, eos_e], dim=1)
+    return Prompt(embeds=torch.cat(parts, dim=1), trailing=trailing, pad_embed=pad_e, eos_embed=eos_e)
+
+
+def tokens_needed(voice: VoicePrompt, ref_text_ids: Optional[list[int]]) -> int:
+    """Tokens of the target text a prompt needs before generation can start without changing the
+    codes: an x-vector voice one; an ICL voice enough for its reference transcript plus the target
+    text to cover codec_bos and the reference frames."""
+    if not voice.icl or voice.ref_codes is None or ref_text_ids is None:
+        return 1
+    return max(1, 1 + int(voice.ref_codes.shape[0]) - len(ref_text_ids))
+
+
+class TextFeed:
+    """The text of one utterance arriving in pieces (an LLM writing), tokenized as it comes.
+
+    Only tokens no later text can change are released: the text up to its last run of whitespace
+    (the Qwen2 pre-tokenizer never joins across it), and all of it once `close()`d (stripped, as a
+    whole text is). So the tokens, and the codes made from them, are those of the whole text.
+    Thread-safe: one thread pushes, the generator reads; listeners hear of every change."""
+
+    def __init__(self, encode: Callable[[str], list[int]], max_chars: Optional[int] = None):
+        self._encode = encode
+        self._text = ""
+        self._ids: list[int] = []
+        self.closed = False
+        self.max_chars = max_chars
+        self._cond = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
+
+    def push(self, piece: str) -> None:
+        with self._cond:
+            if self.closed:
+                raise ValueError("this text was already closed")
+            if self.max_chars is not None and len(self._text) + len(piece) > self.max_chars:
+                raise ValueError(f"the text is longer than {self.max_chars} characters")
+            self._text += piece
+            self._release()
+        self._changed()
+
+    def close(self) -> None:
+        """No more text: the rest is released and the text track ends (tts_eos)."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._release()
+        self._changed()
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def _release(self) -> None:
+        text = self._text.strip() if self.closed else self._text.lstrip()
+        if not self.closed:
+            m = _LAST_SPACE_RUN.search(text)
+            text = text[:m.start()] if m else ""
+        ids = self._encode(text) if text else []
+        if ids[:len(self._ids)] != self._ids:        # the tokenizer broke the prefix rule: never feed twice
+            raise RuntimeError("text tokens changed after release")
+        self._ids = ids
+
+    def snapshot(self) -> tuple[list[int], bool]:
+        """(the released token ids, closed)."""
+        with self._cond:
+            return list(self._ids), self.closed
+
+    def listen(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            self._listeners.append(fn)
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn()
+
+    def wait(self, ready: Callable[[list[int], bool], bool], cancel: Optional[CancelToken] = None,
+             poll_s: float = 0.05) -> bool:
+        """Block until ready(ids, closed) or cancel; -> whether ready."""
+        with self._cond:
+            while not ready(self._ids, self.closed):
+                if cancel is not None and cancel.cancelled:
+                    return False
+                self._cond.wait(poll_s)
+            return True
+
+
+_LAST_SPACE_RUN = re.compile(r"\s+(?=\S*$)")
 
 
 @dataclass(eq=False)
@@ -124,10 +228,24 @@ class Row:
     history: list = field(default_factory=list)    # codebook-0 ids chosen so far (repetition penalty)
     last: Optional[torch.Tensor] = None        # (1, G) the frame just completed
     eos: bool = False                          # codebook 0 said EOS
+    pending: bool = False                      # `last` is not fed back yet
+    # text still arriving (see TextFeed): the body tokens already in the prompt and trailing track,
+    # whether the track is complete (tts_eos appended), and the frame limit once the text is whole
+    feed: Optional[TextFeed] = None
+    fed: int = 0
+    text_complete: bool = True
+    limit_for_tokens: Optional[Callable[[int], int]] = None
 
     @property
     def finished(self) -> bool:
         return self.eos or self.frames >= self.max_frames
+
+    def next_text(self) -> Optional[torch.Tensor]:
+        """The text embedding fed with the frame just completed, or None while it has not arrived."""
+        p, step = self.prompt, self.frames - 1
+        if step < p.trailing.shape[1]:
+            return p.trailing[:, step:step + 1]
+        return p.pad_embed if self.text_complete else None
 
 
 class FrameGenerator:
@@ -137,7 +255,9 @@ class FrameGenerator:
     `complete()` makes codebooks 1..G-1 of every row's current frame (15 batched code-predictor
     steps); `advance()` feeds the frames back and chooses every row's next codebook 0 (one batched
     talker step, each row at its own position); `leave(row)` frees a row. One utterance is a
-    batch of one (`generate_frames`); the scheduler in batch.py only decides who joins and leaves."""
+    batch of one (`generate_frames`); the scheduler in batch.py only decides who joins and leaves.
+    A row whose text has not arrived yet (a TextFeed) waits: it is carried through the batched
+    passes without taking their results (nor drawing random numbers) until its next token is in."""
 
     def __init__(self, talker: Talker, ids: SpecialIds, rows: int = 1, length: int = 256):
         self.talker = talker
@@ -161,8 +281,11 @@ class FrameGenerator:
             logits[:, self.ids.codec_eos] = float("-inf")
         return choose(logits, row.talker_params, row.generator)
 
-    def _take_code0(self, rows: list[Row], logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    def _take_code0(self, rows: list[Row], logits: torch.Tensor, hidden: torch.Tensor,
+                    take: Optional[list[bool]] = None) -> None:
         for i, row in enumerate(rows):
+            if take is not None and not take[i]:
+                continue
             row.code0 = self.choose_code0(row, logits[i:i + 1])
             row.history.append(int(row.code0))
             row.eos = int(row.code0) == self.ids.codec_eos
@@ -186,7 +309,7 @@ class FrameGenerator:
         last = torch.tensor(lengths, device=x.device) - 1
         logits, h = self.talker(x, positions, self.cache, slice(first, first + len(rows)), last=last)
         for r, length in zip(rows, lengths):
-            r.position, r.frames, r.history = length, 0, []
+            r.position, r.frames, r.history, r.pending = length, 0, [], False
         self._take_code0(rows, logits, h)
         self.rows.extend(rows)
 
@@ -201,9 +324,12 @@ class FrameGenerator:
         self.rows.pop()
 
     @torch.inference_mode()
-    def complete(self) -> torch.Tensor:
-        """Codebooks 1..G-1 of every row's current frame -> frames (b, G); each row's `last` is set."""
+    def complete(self) -> list[tuple[Row, torch.Tensor]]:
+        """Codebooks 1..G-1 of the current frame of every row that has none pending -> [(row, frame (G,))]."""
         rows = self.rows
+        live = [not r.pending for r in rows]
+        if not any(live):
+            return []
         talker = self.talker
         cp = talker.code_predictor
         b = len(rows)
@@ -213,18 +339,21 @@ class FrameGenerator:
         positions = torch.arange(2, device=code0.device).expand(b, 2)
         for group in range(1, talker.num_groups):
             logits = cp.logits(embeds, positions, group, self.predictor_cache)
-            codes.append(self._choose_codes(logits, codes, group))
+            codes.append(self._choose_codes(logits, codes, group, live))
             positions = positions[:, -1:] + 1
             embeds = cp.model.codec_embedding[group - 1](codes[-1][:, None])
         frames = torch.stack(codes, dim=1)
+        out = []
         for i, r in enumerate(rows):
-            r.last = frames[i:i + 1]
-            r.frames += 1
-        return frames
+            if live[i]:
+                r.last, r.pending = frames[i:i + 1], True
+                r.frames += 1
+                out.append((r, frames[i]))
+        return out
 
-    def _choose_codes(self, logits: torch.Tensor, codes: list, group: int) -> torch.Tensor:
+    def _choose_codes(self, logits: torch.Tensor, codes: list, group: int, live: list[bool]) -> torch.Tensor:
         """Each row's code of codebook `group` from its own logits, settings and generator
-        (all-greedy rows without a penalty: one argmax)."""
+        (all-greedy rows without a penalty: one argmax; rows not live draw nothing)."""
         rows = self.rows
         if all(not r.predictor_params.do_sample and r.predictor_params.repetition_penalty == 1.0 for r in rows):
             return logits.float().argmax(dim=-1)
@@ -232,6 +361,9 @@ class FrameGenerator:
         for i, r in enumerate(rows):
             row_logits = logits[i:i + 1]
             params = r.predictor_params
+            if not live[i]:
+                out.append(row_logits.float().argmax(dim=-1))
+                continue
             if params.repetition_penalty != 1.0:
                 prev = (torch.stack([c[i:i + 1] for c in codes[1:]], dim=1) if group > 1 else
                         torch.empty(1, 0, dtype=torch.long, device=logits.device))
@@ -239,29 +371,56 @@ class FrameGenerator:
             out.append(choose(row_logits, params, r.generator))
         return torch.cat(out)
 
+    def refill(self, row: Row) -> None:
+        """Move newly arrived tokens of the row's TextFeed onto its text track (tts_eos once closed)."""
+        if row.feed is None or row.text_complete:
+            return
+        ids, closed = row.feed.snapshot()
+        p = row.prompt
+        if len(ids) > row.fed:
+            new = torch.tensor([ids[row.fed:]], dtype=torch.long, device=self.talker.device)
+            with torch.inference_mode():
+                p.trailing = torch.cat([p.trailing, self.talker.embed_text(new)], dim=1)
+            row.fed = len(ids)
+        if closed:
+            p.trailing = torch.cat([p.trailing, p.eos_embed], dim=1)
+            row.text_complete = True
+            if row.limit_for_tokens is not None:
+                row.max_frames = row.limit_for_tokens(len(ids))
+
+    def waiting(self, row: Row) -> bool:
+        """The row's completed frame cannot be fed back: its next text token has not arrived."""
+        self.refill(row)
+        return row.pending and row.next_text() is None
+
     @torch.inference_mode()
-    def advance(self) -> None:
-        """Feed every row's completed frame back to the talker (its next text embedding added), one
-        batched step; choose every row's next codebook 0."""
+    def advance(self) -> bool:
+        """Feed every pending frame whose text is in back to the talker (its next text embedding added),
+        one batched step; choose those rows' next codebook 0. -> whether any row moved."""
         rows = self.rows
         talker = self.talker
-        text = []
-        for r in rows:
-            p, step = r.prompt, r.frames - 1
-            text.append(p.trailing[:, step:step + 1] if step < p.trailing.shape[1] else p.pad_embed)
-        frames = torch.cat([r.last for r in rows])                                     # (b, G)
-        embeds = talker.embed_frame(frames[:, None, :]) + torch.cat(text)
+        texts = [r.next_text() if r.pending and not self.waiting(r) else None for r in rows]
+        take = [t is not None for t in texts]
+        if not any(take):
+            return False
+        pad = rows[0].prompt.pad_embed
+        frames = torch.cat([r.last if r.last is not None else torch.zeros(1, talker.num_groups, dtype=torch.long)
+                            for r in rows])                                             # (b, G)
+        embeds = talker.embed_frame(frames[:, None, :]) + torch.cat([t if t is not None else pad for t in texts])
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=embeds.device)
         logits, hidden = talker(embeds, positions, self.cache, slice(0, len(rows)))
-        for r in rows:
-            r.position += 1
-        self._take_code0(rows, logits, hidden)
+        for r, moved in zip(rows, take):
+            if moved:
+                r.position += 1
+                r.pending = False
+        self._take_code0(rows, logits, hidden, take)
+        return True
 
 
 def generate_frames(gen: FrameGenerator, row: Row, cancel: Optional[CancelToken] = None,
                     timings: Optional[dict] = None) -> Iterator[torch.Tensor]:
     """One utterance as a batch of one: yield frames (G,) int64 until EOS, max_frames, or cancel
-    (checked between frames)."""
+    (checked between frames); with a TextFeed, waits for its text as it runs dry."""
     import time
 
     clock = time.perf_counter
@@ -271,13 +430,21 @@ def generate_frames(gen: FrameGenerator, row: Row, cancel: Optional[CancelToken]
         timings["prefill_s"] = clock() - t0
         timings.setdefault("talker_s", 0.0)
         timings.setdefault("predictor_s", 0.0)
-    while not row.finished and not (cancel is not None and cancel.cancelled):
+
+    def stopped() -> bool:
+        return cancel is not None and cancel.cancelled
+
+    while not row.finished and not stopped():
         t1 = clock()
-        frame = gen.complete()
+        done = gen.complete()
         t2 = clock()
-        yield frame[0]
-        if row.finished or (cancel is not None and cancel.cancelled):
+        if done:
+            yield done[0][1]
+        if row.finished or stopped():
             return
+        while gen.waiting(row):
+            if row.feed is not None and not row.feed.wait(lambda ids, closed: closed or len(ids) > row.fed, cancel):
+                return
         t3 = clock()
         gen.advance()
         if timings is not None:

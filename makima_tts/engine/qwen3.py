@@ -23,7 +23,7 @@ import torch
 from ..errors import EmptyText, InvalidAudio
 from .checkpoint import Checkpoint, fingerprint, load_talker, load_tensors, parse_device, parse_dtype
 from .codec import Codec
-from .generate import FrameGenerator, Row, SpecialIds, build_prompt, generate_frames
+from .generate import FrameGenerator, Row, SpecialIds, TextFeed, build_prompt, generate_frames, tokens_needed
 from .model import Talker
 from .speaker import SpeakerEncoder
 from .tokenizer import TextTokenizer
@@ -233,29 +233,61 @@ class Qwen3Engine:
         g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
         return g
 
-    def frames(self, text: str, voice: VoicePrompt, language: str = "auto",
+    def frames(self, text: "str | TextFeed", voice: VoicePrompt, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
                stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
-        """Codec frames (16,) int64 as they are generated (a batch of one)."""
-        row = self.plan(text, voice, language, settings or self.defaults)
+        """Codec frames (16,) int64 as they are generated (a batch of one). `text` may be a TextFeed
+        (see new_feed): generation starts once the voice has the tokens it needs and waits for the
+        text as it runs dry; the codes are those of the whole text."""
+        row = self.plan(text, voice, language, settings or self.defaults, cancel)
+        if row is None:                       # cancelled while waiting for text
+            return
         gen = FrameGenerator(self.talker, self.ids, rows=1, length=row.prompt.embeds.shape[1] + 64)
-        return generate_frames(gen, row, cancel, stats)
+        yield from generate_frames(gen, row, cancel, stats)
 
-    def plan(self, text: str, voice: VoicePrompt, language: str, settings: GenerationSettings) -> Row:
+    def new_feed(self, max_chars: Optional[int] = None) -> TextFeed:
+        """A TextFeed for text arriving in pieces: push() them, close() at the end."""
+        return TextFeed(self.tokenizer.encode, max_chars)
+
+    def tokens_needed(self, voice: VoicePrompt) -> int:
+        """Text tokens a streamed utterance in this voice needs before it can start (x-vector 1)."""
+        return tokens_needed(voice, self._ref_ids(voice))
+
+    def _ref_ids(self, voice: VoicePrompt) -> Optional[list[int]]:
+        return self.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2] if voice.icl and voice.ref_text else None
+
+    def plan(self, text: "str | TextFeed", voice: VoicePrompt, language: str, settings: GenerationSettings,
+             cancel: Optional[CancelToken] = None) -> Optional[Row]:
         """Check the request and set up its generation: a Row with the talker prompt, the frame
-        limit, and the request's sampling settings and seeded generator."""
+        limit, and the request's sampling settings and seeded generator. A TextFeed is waited on until
+        the voice can start (None when cancelled meanwhile)."""
         if not isinstance(voice, VoicePrompt):
             raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
-        if not text or not text.strip():
-            raise EmptyText("the text to speak is empty")
         lang = check_language(language)
-        text_ids = self.tokenizer.encode(_chat(text.strip()))
-        ref_ids = (self.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2] if voice.icl and voice.ref_text else None)
-        max_frames = settings.max_frames or self.max_frames_for(len(text_ids) - 8)
+        ref_ids = self._ref_ids(voice)
+        feed = text if isinstance(text, TextFeed) else None
+        if feed is None:
+            if not text or not text.strip():
+                raise EmptyText("the text to speak is empty")
+            text_ids = self.tokenizer.encode(_chat(text.strip()))
+            role_ids, body_ids, complete = text_ids[:3], text_ids[3:-5], True
+        else:
+            need = tokens_needed(voice, ref_ids)
+            if not feed.wait(lambda ids, closed: closed or len(ids) >= need, cancel):
+                return None
+            body_ids, complete = feed.snapshot()
+            if complete and not body_ids:
+                raise EmptyText("the text to speak is empty")
+            role_ids = self.tokenizer.encode(_chat(""))[:3]
+        max_frames = settings.max_frames or (self.max_frames_for(len(body_ids)) if complete else
+                                             self.max_frames_for(10**6))
         with torch.inference_mode():
-            prompt = build_prompt(self.talker, self.ids, text_ids[:-5], voice, self.ids.languages.get(lang), ref_ids)
+            prompt = build_prompt(self.talker, self.ids, role_ids + body_ids, voice, self.ids.languages.get(lang),
+                                  ref_ids, complete=complete)
         return Row(prompt=prompt, max_frames=max_frames, talker_params=settings.talker,
-                   predictor_params=settings.predictor, generator=self._generator(settings.seed))
+                   predictor_params=settings.predictor, generator=self._generator(settings.seed),
+                   feed=feed, fed=len(body_ids), text_complete=complete,
+                   limit_for_tokens=None if settings.max_frames else self.max_frames_for)
 
     def prepare_voice(self, voice: VoicePrompt) -> VoicePrompt:
         """Do a voice's one-time work now (run its reference codes through the codec), so that its
