@@ -145,6 +145,8 @@ CONTENT_TYPES = {
     "flac": "audio/flac",
     "wav": "audio/wav",
     "pcm": "audio/pcm",
+    "mulaw": "audio/PCMU",     # G.711 mu-law, raw (RFC 4856), one byte a sample
+    "alaw": "audio/PCMA",      # G.711 A-law, raw
 }
 ENCODER_FORMATS = tuple(CONTENT_TYPES)
 
@@ -294,10 +296,49 @@ class _AVEncoder(Encoder):
         return self._sink.take()
 
 
+_G711_CODECS = {"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}
+G711_FORMATS = tuple(_G711_CODECS)
+
+
+class G711Encoder(Encoder):
+    """Raw G.711 (mu-law or A-law, one byte a sample, no header) by FFmpeg's pcm_mulaw / pcm_alaw
+    encoders through PyAV. Sample by sample, so every chunk is encoded at once and alone."""
+
+    def __init__(self, fmt: str, sample_rate: int):
+        try:
+            import av
+        except ImportError as e:  # pragma: no cover - av is in the server extra
+            raise UnsupportedFormat(f"format {fmt!r} needs PyAV: pip install 'makima-tts[server]'") from e
+        if fmt not in _G711_CODECS:
+            raise UnsupportedFormat(f"unsupported G.711 format {fmt!r}; use mulaw or alaw")
+        self._av = av
+        self.fmt, self.content_type, self.sample_rate = fmt, CONTENT_TYPES[fmt], int(sample_rate)
+        self._ctx = av.CodecContext.create(_G711_CODECS[fmt], "w")
+        self._ctx.sample_rate = self.sample_rate
+        self._ctx.layout = "mono"
+        self._ctx.format = "s16"
+        self._pts = 0
+
+    def encode(self, pcm) -> bytes:
+        x = _as_mono_f32(pcm)
+        if len(x) == 0:
+            return b""
+        s16 = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+        frame = self._av.AudioFrame.from_ndarray(s16[None, :], format="s16", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self._pts
+        self._pts += len(s16)
+        return b"".join(bytes(p) for p in self._ctx.encode(frame))
+
+    def finish(self) -> bytes:
+        return b"".join(bytes(p) for p in self._ctx.encode(None))
+
+
 def make_encoder(fmt: str, sample_rate: int) -> Encoder:
-    """A streaming encoder for `fmt` (mp3, opus, aac, flac, wav, pcm), fed float32 mono PCM at
-    `sample_rate`. pcm is raw s16le; wav is s16le with a length-unknown header; opus is Ogg Opus
-    at 48 kHz (resampled internally); the others keep sample_rate where the codec allows it."""
+    """A streaming encoder for `fmt` (mp3, opus, aac, flac, wav, pcm, mulaw, alaw), fed float32 mono PCM
+    at `sample_rate`. pcm is raw s16le; mulaw / alaw are raw G.711 (PyAV's encoders); wav is s16le with
+    a length-unknown header; opus is Ogg Opus at 48 kHz (resampled internally); the others keep
+    sample_rate where the codec allows it."""
     fmt = (fmt or "").lower()
     if fmt == "pcm":
         return _PcmEncoder(sample_rate)
@@ -305,6 +346,8 @@ def make_encoder(fmt: str, sample_rate: int) -> Encoder:
         return _WavEncoder(sample_rate)
     if fmt in _AV_FORMATS:
         return _AVEncoder(fmt, sample_rate)
+    if fmt in _G711_CODECS:
+        return G711Encoder(fmt, sample_rate)
     raise UnsupportedFormat(f"unsupported audio format {fmt!r}; supported: {', '.join(ENCODER_FORMATS)}")
 
 

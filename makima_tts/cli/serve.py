@@ -9,6 +9,8 @@ import sys
 _FLAGS = [
     ("--host", "host", str, "bind address (default 127.0.0.1)"),
     ("--port", "port", int, "port (default 8000)"),
+    ("--wyoming-port", "wyoming_port", int, "also serve the Wyoming protocol (Home Assistant) on this TCP port, "
+                                            "same host"),
     ("--engine", "engine", str, "auto (default: Qwen3-TTS when a checkpoint loads, else the embedded engine), "
                                "qwen3 or piper"),
     ("--checkpoint", "checkpoint", str, "Qwen3-TTS checkpoint folder or Hugging Face repo id"),

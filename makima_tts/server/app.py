@@ -44,10 +44,20 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[SpeechEngin
     async def lifespan(app: FastAPI):
         install_log_filters()
         await ctx.start()
+        wyoming = None
+        if settings.wyoming_port:     # Wyoming (Home Assistant): same loop, same context
+            from .wyoming import WyomingServer
+
+            wyoming = WyomingServer(ctx, settings.host, settings.wyoming_port)
+            await wyoming.start()
         try:
             yield
         finally:
-            ctx.close()
+            try:
+                if wyoming is not None:
+                    await wyoming.stop()
+            finally:
+                ctx.close()
 
     app = FastAPI(title="makima-tts", version=__version__, lifespan=lifespan,
                   description="Streaming text-to-speech: WebSocket /api/v1/speak, OpenAI-compatible "

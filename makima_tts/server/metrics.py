@@ -20,6 +20,12 @@ class Metrics:
                              buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20), registry=r)
         self.audio_seconds = Counter("makima_audio_seconds_total", "Audio produced", registry=r)
         self.errors = Counter("makima_errors_total", "Errors by code", ["code"], registry=r)
+        self.played_reports = Counter("makima_played_reports_total", "`played` reports from WebSocket clients",
+                                      registry=r)
+        self.cut_audio_seconds = Counter("makima_cut_audio_seconds_total", "Audio of utterances cut by cancel or "
+                                         "interrupt: sent, and played as the client last reported", ["kind"],
+                                         registry=r)
+        self.wyoming_connections = Gauge("makima_wyoming_connections", "Open Wyoming connections", registry=r)
         self.prompt_computations = Counter("makima_voice_prompt_computations_total",
                                            "Voice prompts computed (not loaded from cache)", registry=r)
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ..errors import InvalidInput, UnsupportedFormat
 from .stream import SAMPLE_RATES
 
-FORMATS = ("pcm_s16le", "pcm_f32le")
+FORMATS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")   # mulaw / alaw: G.711, one byte a sample
 
 
 class StageSampling(BaseModel):
@@ -66,7 +66,14 @@ class Stop(_Msg):
     type: Literal["stop"]
 
 
-ClientMessage = Annotated[Union[Start, Speak, Text, Flush, Cancel, Stop], Field(discriminator="type")]
+class Played(_Msg):
+    """How much of an utterance the client has played (heard) so far, in ms."""
+    type: Literal["played"]
+    id: str = Field(..., min_length=1, max_length=128)
+    ms: float = Field(..., ge=0, le=86_400_000)
+
+
+ClientMessage = Annotated[Union[Start, Speak, Text, Flush, Cancel, Stop, Played], Field(discriminator="type")]
 _adapter = TypeAdapter(ClientMessage)
 
 
@@ -85,7 +92,7 @@ def parse_message(raw: str):
     except RecursionError:
         raise InvalidInput("the message is nested too deeply; a message is a flat JSON object") from None
     if not isinstance(data, dict) or "type" not in data:
-        raise InvalidInput("a message is a JSON object with a `type`: start, speak, text, flush, cancel or stop")
+        raise InvalidInput("a message is a JSON object with a `type`: start, speak, text, flush, cancel, stop or played")
     try:
         msg = _adapter.validate_python(data)
     except RecursionError:
@@ -96,7 +103,7 @@ def parse_message(raw: str):
         kind = _short(data.get("type"))
         if err.get("type") == "union_tag_invalid":
             raise InvalidInput(f"unknown message type {kind!r}; expected start, speak, text, flush, "
-                               "cancel or stop") from None
+                               "cancel, stop or played") from None
         raise InvalidInput(f"{kind}: {where + ': ' if where else ''}{err.get('msg')}") from None
     if isinstance(msg, Start):
         if msg.format not in FORMATS:

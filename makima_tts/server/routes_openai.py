@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..audio import CONTENT_TYPES, make_encoder
-from ..errors import MakimaError
+from ..audio import CONTENT_TYPES, G711_FORMATS, make_encoder
+from ..errors import MakimaError, UnsupportedFormat
 from .auth import require_api_key
 from .guard import ClientTooSlow
-from .stream import Synthesis
+from .stream import SAMPLE_RATES, Synthesis
 
 router = APIRouter()
 OUT_RATE = 24000
@@ -52,7 +52,10 @@ class SpeechRequest(BaseModel):
     input: str = Field(..., description="the text to speak")
     voice: Union[Annotated[str, Field(max_length=128)], VoiceRef, None] = Field(None, description="a voice id from /api/v1/voices; OpenAI's "
                                                                 "names (alloy, ...) mean the default voice")
-    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm", "mulaw", "alaw"] = Field(
+        "mp3", description="mulaw / alaw: raw G.711, 8 kHz unless sample_rate is given")
+    sample_rate: Optional[int] = Field(None, description="makima-tts extension: output rate, one of "
+                                       + ", ".join(map(str, SAMPLE_RATES)) + " (default 24000; mulaw / alaw 8000)")
     speed: float = Field(1.0, ge=0.25, le=4.0, description="tempo; the pitch is kept")
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: Optional[str] = Field(None, description="accepted and ignored")
@@ -69,8 +72,11 @@ async def speech(body: SpeechRequest, request: Request):
     await ctx.get_engine(wait=ctx.settings.lazy_load)
     voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
     fmt = body.response_format
-    encoder = make_encoder(fmt, OUT_RATE)
-    synth = Synthesis(ctx, text, voice=voice, language=body.language or "auto", out_rate=OUT_RATE,
+    rate = body.sample_rate or (8000 if fmt in G711_FORMATS else OUT_RATE)
+    if rate not in SAMPLE_RATES:
+        raise UnsupportedFormat(f"sample_rate {rate} is not supported; use one of {', '.join(map(str, SAMPLE_RATES))}")
+    encoder = make_encoder(fmt, rate)
+    synth = Synthesis(ctx, text, voice=voice, language=body.language or "auto", out_rate=rate,
                       speed=body.speed, sampling=None if body.seed is None else {"seed": body.seed})
     audio = synth.run()
     try:   # the first chunk before the status line: errors get their status code
@@ -119,5 +125,6 @@ async def speech(body: SpeechRequest, request: Request):
     timeout = ctx.settings.send_timeout_s
     if body.stream_format == "sse":
         return TimedStreamingResponse(sse(), media_type="text/event-stream", headers=headers, send_timeout=timeout)
-    return TimedStreamingResponse(encoded(), media_type=CONTENT_TYPES[fmt], headers=headers, send_timeout=timeout)
+    media_type = f"{CONTENT_TYPES[fmt]};rate={rate}" if fmt in G711_FORMATS else CONTENT_TYPES[fmt]
+    return TimedStreamingResponse(encoded(), media_type=media_type, headers=headers, send_timeout=timeout)
 

@@ -7,20 +7,20 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..audio import to_f32le, to_pcm16
+from ..audio import G711_FORMATS, make_encoder, to_f32le, to_pcm16
 from ..engine.types import check_language
 from ..errors import InvalidInput, MakimaError, Overloaded, SendTimeout, ServerShutdown, SessionTimeout, \
     SynthesisError, TextTooLong
 from ..text import SentenceBuffer
 from .auth import websocket_key_ok
 from .errors import public_message
-from .protocol import Cancel, Flush, Speak, Start, Stop, Text, parse_message
+from .protocol import Cancel, Flush, Played, Speak, Start, Stop, Text, parse_message
 from .stream import Synthesis
 
 log = logging.getLogger("makima_tts.server")
@@ -29,6 +29,7 @@ CLOSE_TIMEOUT = 4408
 CLOSE_UNAVAILABLE = 1011
 CLOSE_RESTART = 1012          # the server is shutting down (SERVER_SHUTDOWN)
 SHUTDOWN_SEND_S = 1.0         # on shutdown: how long each last message may take to leave
+RECENT_UTTERANCES = 256       # utterances a `played` report may name (the latest ones of the session)
 
 
 class _Gone(Exception):
@@ -47,6 +48,8 @@ class Utterance:
     language: Optional[str] = None
     cancelled: bool = False
     synth: Optional[Synthesis] = field(default=None, repr=False)
+    audio_ms_sent: float = 0.0            # audio of this utterance handed to the client
+    played_ms: Optional[float] = None     # the client's last `played` report for it
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -71,6 +74,7 @@ class Session:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ids = itertools.count(1)
+        self._recent: OrderedDict[str, Utterance] = OrderedDict()   # by id, for `played` reports
         self._send_lock = asyncio.Lock()
         self.last_activity = time.monotonic()
         self.queued_chars = 0          # characters of the queued utterances
@@ -125,10 +129,11 @@ class Session:
     async def shut_down(self) -> None:
         """The server is shutting down: cancel what is left, say so, close with 1012 (each step bounded)."""
         self._closing = True
+        cut = self._cut()
         ids = self._cancel_all()
         try:
             if ids:
-                await self.send({"type": "cancelled", "ids": ids}, timeout=SHUTDOWN_SEND_S)
+                await self.send_cancelled(ids, cut, timeout=SHUTDOWN_SEND_S)
             await self.send_error(ServerShutdown("the server is shutting down; reconnect and retry later"),
                                   timeout=SHUTDOWN_SEND_S)
             await asyncio.wait_for(self.ws.close(CLOSE_RESTART, "server shutting down"), SHUTDOWN_SEND_S)
@@ -199,6 +204,23 @@ class Session:
                 self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
         elif isinstance(msg, Cancel):
             await self._cancel(send=True)
+        elif isinstance(msg, Played):
+            self._played(msg)
+
+    def _played(self, msg: Played) -> None:
+        """The client's report of how much of an utterance it has played: logged, kept for the next
+        `cancelled`, counted in the metrics. Clamped to the audio sent."""
+        utt = self._recent.get(msg.id)
+        if utt is None:
+            e = InvalidInput(f"played: no utterance {msg.id[:40]!r} in this session (of its latest "
+                             f"{RECENT_UTTERANCES})")
+            e.utterance_id = msg.id
+            raise e
+        ms = min(float(msg.ms), utt.audio_ms_sent)
+        self.ctx.metrics.played_reports.inc()
+        utt.played_ms = round(ms, 1)
+        log.info("session %s: utterance %s played %.0f ms of %.0f ms sent%s", self.id, utt.id, ms,
+                 utt.audio_ms_sent, " (cut)" if utt.cancelled else "")
 
     def _push_text(self, piece: str) -> None:
         """Streamed text: the sentences it completes are queued; over a limit, nothing of it is taken."""
@@ -230,6 +252,10 @@ class Session:
                              f"{s.max_session_queue_chars}: wait for audio_end, or cancel")
 
     def _enqueue(self, utt: Utterance) -> None:
+        self._recent.pop(utt.id, None)
+        self._recent[utt.id] = utt
+        while len(self._recent) > RECENT_UTTERANCES:
+            self._recent.popitem(last=False)
         self.queue.append(utt)
         self.queued_chars += len(utt.text)
         self._idle.clear()
@@ -253,10 +279,16 @@ class Session:
         self.sentences.reset()
         return ids
 
+    def _cut(self) -> Optional[Utterance]:
+        """The utterance a cancel now would cut (being spoken, not cancelled yet), if any."""
+        utt = self.current
+        return utt if utt is not None and not utt.cancelled else None
+
     async def _cancel(self, send: bool) -> None:
+        cut = self._cut()
         ids = self._cancel_all()
         if send:
-            await self.send({"type": "cancelled", "ids": ids})
+            await self.send_cancelled(ids, cut)
 
     async def _stop(self, player: asyncio.Task) -> None:
         for sentence in self.sentences.flush():
@@ -321,7 +353,7 @@ class Session:
         self.current = None
         await self.send_error(SendTimeout(f"no audio was accepted for {timeout:g} s: the utterance and those "
                                           f"queued after it are cancelled"), id=utt.id)
-        await self.send({"type": "cancelled", "ids": list(dict.fromkeys(ids))})
+        await self.send_cancelled(list(dict.fromkeys(ids)), utt)
 
     async def _speak(self, utt: Utterance) -> None:
         synth = Synthesis(self.ctx, utt.text, voice=utt.voice, session_voice=self.voice,
@@ -329,7 +361,10 @@ class Session:
         utt.synth = synth
         if utt.cancelled:
             return
-        encode = to_pcm16 if self.format == "pcm_s16le" else to_f32le
+        if self.format in G711_FORMATS:
+            encode = make_encoder(self.format, self.sample_rate).encode     # PyAV's G.711 encoder
+        else:
+            encode = to_pcm16 if self.format == "pcm_s16le" else to_f32le
         started = False
         agen = synth.run()
         try:
@@ -339,7 +374,7 @@ class Session:
                 if not started:
                     await self.send({"type": "audio_start", "id": utt.id, "voice": synth.stats.voice})
                     started = True
-                await self.send_bytes(encode(pcm), utt)
+                await self.send_bytes(encode(pcm), utt, ms=len(pcm) * 1000.0 / self.sample_rate)
         finally:
             await agen.aclose()
         st = synth.stats
@@ -376,10 +411,30 @@ class Session:
     async def send(self, obj: dict, timeout: Optional[float] = None) -> None:
         await self._send(lambda: self.ws.send_json(obj), timeout)
 
-    async def send_bytes(self, data: bytes, utt: Utterance) -> None:
+    async def send_cancelled(self, ids: list, cut: Optional[Utterance], timeout: Optional[float] = None) -> None:
+        """`cancelled`, with what the cut utterance had sent and (as last reported) played. Built under
+        the send lock, so audio_ms_sent counts every byte that left before it."""
+        def message() -> dict:
+            msg = {"type": "cancelled", "ids": ids, "audio_ms_sent": 0.0, "played_ms": None}
+            if cut is not None:
+                msg.update(id=cut.id[:128], audio_ms_sent=round(cut.audio_ms_sent, 1), played_ms=cut.played_ms)
+                m = self.ctx.metrics
+                m.cut_audio_seconds.labels("sent").inc(cut.audio_ms_sent / 1000.0)
+                if cut.played_ms is not None:
+                    m.cut_audio_seconds.labels("played").inc(cut.played_ms / 1000.0)
+                log.info("session %s: utterance %s cut after %.0f ms of audio sent, %s played", self.id, cut.id,
+                         cut.audio_ms_sent, "unknown ms" if cut.played_ms is None else f"{cut.played_ms:.0f} ms")
+            return msg
+        await self._send(lambda: self.ws.send_json(message()), timeout)
+
+    async def send_bytes(self, data: bytes, utt: Utterance, ms: float = 0.0) -> None:
         if utt.cancelled:        # nothing of a cancelled utterance after `cancelled`
             return
-        await self._send(lambda: self.ws.send_bytes(data), None, utt)
+
+        async def sending() -> None:
+            await self.ws.send_bytes(data)
+            utt.audio_ms_sent += ms
+        await self._send(sending, None, utt)
         self.last_activity = time.monotonic()
 
     async def _send(self, sending, timeout: Optional[float], utt: Optional[Utterance] = None) -> None:

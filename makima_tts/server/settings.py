@@ -18,6 +18,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    wyoming_port: Optional[int] = Field(None, ge=1, le=65535)   # also serve Wyoming (Home Assistant) on host:this
     engine: Literal["auto", "qwen3", "piper"] = "auto"
     checkpoint: Optional[str] = None          # folder or Hugging Face repo id (Qwen3-TTS)
     device: str = "cpu"
