@@ -29,6 +29,8 @@ _FLAGS = [
     ("--max-queue", "max_queue", int, "utterances waiting for a slot before OVERLOADED"),
     ("--max-text-chars", "max_text_chars", int, "longest text per request"),
     ("--session-idle-timeout", "session_idle_timeout_s", float, "seconds before an idle WebSocket closes"),
+    ("--text-idle-timeout", "text_idle_timeout_s", float,
+     "token mode: seconds without a `text` piece before the open utterance ends as if flushed (default 10)"),
     ("--prompt-cache-size", "prompt_cache_size", int, "voice prompts kept in memory"),
     ("--prompt-cache-ttl", "prompt_cache_ttl_s", float, "seconds a voice prompt stays in memory"),
     ("--max-upload-bytes", "max_upload_bytes", int, "largest voice upload"),

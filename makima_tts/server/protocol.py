@@ -38,6 +38,9 @@ class Start(_Msg):
     format: str = "pcm_s16le"
     sample_rate: int = 24000
     sampling: Optional[Sampling] = None
+    # how `text` pieces are spoken: "token" (fed into the model as they arrive; the default where the
+    # engine can) or "sentence" (each sentence once it is complete)
+    text_mode: Optional[Literal["token", "sentence"]] = None
 
 
 class Speak(_Msg):

@@ -48,6 +48,7 @@ class Utterance:
     language: Optional[str] = None
     cancelled: bool = False
     synth: Optional[Synthesis] = field(default=None, repr=False)
+    feed: Optional[object] = field(default=None, repr=False)   # token mode: the engine's TextFeed
     audio_ms_sent: float = 0.0            # audio of this utterance handed to the client
     played_ms: Optional[float] = None     # the client's last `played` report for it
 
@@ -55,6 +56,12 @@ class Utterance:
         self.cancelled = True
         if self.synth is not None:
             self.synth.cancel()
+        self.end_text()
+
+    def end_text(self) -> None:
+        """Token mode: no more text for this utterance (its feed closes; the model finishes it)."""
+        if self.feed is not None:
+            self.feed.close()
 
 
 class Session:
@@ -70,6 +77,9 @@ class Session:
         self.queue: deque[Utterance] = deque()
         self.current: Optional[Utterance] = None
         self.sentences = SentenceBuffer()
+        self.text_mode: Optional[str] = None           # None: token where the engine can, else sentence
+        self.streaming: Optional[Utterance] = None     # token mode: the utterance `text` pieces go to
+        self._last_text = 0.0                          # when the last `text` piece came
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -151,6 +161,7 @@ class Session:
             except asyncio.TimeoutError:
                 if player.done():
                     return
+                self._end_stalled_text()
                 if not busy and time.monotonic() - self.last_activity > idle_timeout:
                     await self.send_error(SessionTimeout(f"no message for {idle_timeout:g} s; closing"),
                                           recoverable=False)
@@ -179,6 +190,7 @@ class Session:
             self.format = msg.format
             self.sample_rate = msg.sample_rate
             self.sampling = msg.sampling.model_dump(exclude_none=True) if msg.sampling else None
+            self.text_mode = msg.text_mode
             await self.send_ready()
         elif isinstance(msg, Speak):
             uid = msg.id or f"u{next(self._ids)}"
@@ -197,11 +209,13 @@ class Session:
             self._enqueue(Utterance(uid, msg.text, msg.voice, msg.language))
         elif isinstance(msg, Text):
             self.ctx.check_open()
-            self._push_text(msg.text)
+            if self._token_mode():
+                self._feed_text(msg.text)
+            else:
+                self._push_text(msg.text)
         elif isinstance(msg, Flush):
             self.ctx.check_open()
-            for sentence in self.sentences.flush():
-                self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
+            self._flush_text()
         elif isinstance(msg, Cancel):
             await self._cancel(send=True)
         elif isinstance(msg, Played):
@@ -221,6 +235,53 @@ class Session:
         utt.played_ms = round(ms, 1)
         log.info("session %s: utterance %s played %.0f ms of %.0f ms sent%s", self.id, utt.id, ms,
                  utt.audio_ms_sent, " (cut)" if utt.cancelled else "")
+
+    def _token_mode(self) -> bool:
+        engine = self.ctx.engine
+        if self.text_mode == "sentence" or engine is None or not hasattr(engine, "new_feed"):
+            return False
+        return True
+
+    def _feed_text(self, piece: str) -> None:
+        """Token mode: the piece goes into the open utterance's TextFeed (one is opened and queued by the
+        first piece); over a limit, nothing of it is taken."""
+        s = self.ctx.settings
+        if len(piece) > s.max_text_chars:
+            self.ctx.check_length(piece)
+        utt = self.streaming
+        if utt is None or utt.cancelled:
+            self._check_room(1, len(piece))
+            utt = Utterance(f"s{next(self._ids)}", "", feed=self.ctx.engine.new_feed(max_chars=s.max_text_chars))
+            self.streaming = utt
+            self._enqueue(utt)
+        elif self.queue and utt in self.queue:
+            self._check_room(0, len(piece))
+        self._last_text = time.monotonic()
+        try:
+            utt.feed.push(piece)
+        except ValueError:
+            raise TextTooLong(f"the streamed text would be {len(utt.feed.text) + len(piece)} characters; the limit "
+                              f"is {s.max_text_chars} (send flush to start the next utterance)") from None
+        if utt in self.queue:
+            self.queued_chars += len(piece)
+        utt.text += piece
+
+    def _end_stalled_text(self) -> None:
+        """Token mode: an utterance whose text stopped arriving (no `text` for text_idle_timeout_s) is
+        ended as if flushed: it holds a generation slot while it waits."""
+        utt = self.streaming
+        if utt is not None and time.monotonic() - self._last_text > self.ctx.settings.text_idle_timeout_s:
+            log.info("session %s: no text for %g s; utterance %s ends with what it has", self.id,
+                     self.ctx.settings.text_idle_timeout_s, utt.id)
+            self._flush_text()
+
+    def _flush_text(self) -> None:
+        """`flush` (and `stop`): the text so far is spoken to its end."""
+        if self.streaming is not None:
+            self.streaming.end_text()
+            self.streaming = None
+        for sentence in self.sentences.flush():
+            self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
 
     def _push_text(self, piece: str) -> None:
         """Streamed text: the sentences it completes are queued; over a limit, nothing of it is taken."""
@@ -277,6 +338,9 @@ class Session:
             ids.append(utt.id)
         self.queued_chars = 0
         self.sentences.reset()
+        if self.streaming is not None:
+            self.streaming.end_text()
+            self.streaming = None
         return ids
 
     def _cut(self) -> Optional[Utterance]:
@@ -291,8 +355,7 @@ class Session:
             await self.send_cancelled(ids, cut)
 
     async def _stop(self, player: asyncio.Task) -> None:
-        for sentence in self.sentences.flush():
-            self._enqueue(Utterance(f"s{next(self._ids)}", sentence))
+        self._flush_text()
         idle = asyncio.ensure_future(self._idle.wait())
         try:
             # the player may end first: the client went away, or stopped reading
@@ -356,7 +419,8 @@ class Session:
         await self.send_cancelled(list(dict.fromkeys(ids)), utt)
 
     async def _speak(self, utt: Utterance) -> None:
-        synth = Synthesis(self.ctx, utt.text, voice=utt.voice, session_voice=self.voice,
+        synth = Synthesis(self.ctx, utt.feed if utt.feed is not None else utt.text, voice=utt.voice,
+                          session_voice=self.voice,
                           language=utt.language or self.language, sampling=self.sampling, out_rate=self.sample_rate)
         utt.synth = synth
         if utt.cancelled:
@@ -372,7 +436,7 @@ class Session:
                 if utt.cancelled:
                     break
                 if not started:
-                    await self.send({"type": "audio_start", "id": utt.id, "voice": synth.stats.voice})
+                    await self.send(self._audio_start(utt, synth.stats))
                     started = True
                 await self.send_bytes(encode(pcm), utt, ms=len(pcm) * 1000.0 / self.sample_rate)
         finally:
@@ -382,10 +446,17 @@ class Session:
         if utt.cancelled:
             return
         if not started:
-            await self.send({"type": "audio_start", "id": utt.id, "voice": st.voice})
+            await self.send(self._audio_start(utt, st))
         await self.send({"type": "audio_end", "id": utt.id, "audio_ms": round(st.audio_s * 1000, 1),
                          "ttfa_ms": None if st.ttfa_s is None else round(st.ttfa_s * 1000, 1),
                          "rtf": None if st.rtf is None else round(st.rtf, 3)})
+
+    @staticmethod
+    def _audio_start(utt: Utterance, st) -> dict:
+        msg = {"type": "audio_start", "id": utt.id, "voice": st.voice}
+        if utt.feed is not None:          # token mode: text tokens the voice needed before it could start
+            msg["tokens_needed"] = st.tokens_needed
+        return msg
 
     # ------------------------------------------------------------------ sending
 
@@ -395,7 +466,8 @@ class Session:
         await self.send({"type": "ready", "session_id": self.id, "sample_rate": self.sample_rate,
                          "format": self.format, "channels": 1, "voice": self.voice or default.get("voice_id"),
                          "default_voice": default, "language": self.language,
-                         "model": str(ctx.engine.model_id), "engine": ctx.engine.name})
+                         "model": str(ctx.engine.model_id), "engine": ctx.engine.name,
+                         "text_mode": "token" if self._token_mode() else "sentence"})
 
     async def send_error(self, e: MakimaError, id: Optional[str] = None, recoverable: Optional[bool] = None,
                          timeout: Optional[float] = None) -> None:

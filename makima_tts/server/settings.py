@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_queue: int = 16                       # utterances waiting for a slot
     max_text_chars: int = 5000
     session_idle_timeout_s: float = 300.0
+    text_idle_timeout_s: float = 10.0         # token mode: an open `text` utterance with no new text this long ends
     send_buffer_chunks: int = 8               # audio chunks buffered per stream before it pauses
     api_keys: list[str] = Field(default_factory=list)
     # bounded work per client (issue 15)

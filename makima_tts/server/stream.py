@@ -34,6 +34,7 @@ class UtteranceStats:
     audio_s: float = 0.0
     total_s: float = 0.0
     voice: Optional[str] = None
+    tokens_needed: Optional[int] = None   # text streamed token by token: tokens needed before the start
 
     @property
     def rtf(self) -> Optional[float]:
@@ -43,11 +44,13 @@ class UtteranceStats:
 class Synthesis:
     """`async for pcm in Synthesis(ctx, ...).run()`: float32 mono PCM at `out_rate`."""
 
-    def __init__(self, ctx, text: str, *, voice: Optional[str], session_voice: Optional[str] = None,
+    def __init__(self, ctx, text, *, voice: Optional[str], session_voice: Optional[str] = None,
                  language: str = "auto", sampling: Optional[dict] = None, out_rate: int = 24000,
                  speed: float = 1.0):
         self.ctx = ctx
-        self.text = ctx.check_text(text)
+        # a str, or a TextFeed (text arriving in pieces, fed to the model token by token; limits are
+        # checked as pieces are pushed)
+        self.text = ctx.check_text(text) if isinstance(text, str) else text
         self.voice = voice
         self.session_voice = session_voice
         self.language = language or "auto"
@@ -74,6 +77,8 @@ class Synthesis:
         voice_id, voice_obj = await loop.run_in_executor(ctx.executor, ctx.resolve_voice, self.voice,
                                                          self.session_voice)
         self.stats.voice = voice_id
+        if not isinstance(self.text, str) and hasattr(engine, "tokens_needed"):
+            self.stats.tokens_needed = engine.tokens_needed(voice_obj)
         settings: Optional[GenerationSettings] = ctx.generation_settings(self.sampling)
         ctx.check_open()
         async with ctx.scheduler.slot():
