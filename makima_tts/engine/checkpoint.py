@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .weights import read_json
 
 REQUIRED_FILES = (
     "config.json",
@@ -80,41 +81,6 @@ def check_layout(folder: Path) -> None:
         missing += [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-
-
-def load_tensors(path: Path, prefix: str = "", device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file whose names start with `prefix` (prefix removed)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        out = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                if name.startswith(prefix):
-                    out[name[len(prefix):]] = f.get_tensor(name)
-        return out
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
-
-
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, dtype: torch.dtype) -> None:
-    """Copy tensors into a module's parameters by name; every parameter must be present with its shape."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{what}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
-    for name, ref in expected.items():
-        if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{what}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                  f"the config implies {tuple(ref.shape)}")
-    module.load_state_dict({k: tensors[k].to(dtype) for k in expected}, strict=True)
 
 
 def fingerprint(folder: Path) -> str:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from ..errors import EmptyText, InvalidAudio
-from .checkpoint import Checkpoint, fingerprint, load_talker, load_tensors, parse_device, parse_dtype
+from .checkpoint import Checkpoint, fingerprint, load_talker, parse_device, parse_dtype
 from .codec import Codec
 from .generate import FrameGenerator, Row, SpecialIds, TextFeed, build_prompt, generate_frames, tokens_needed
 from .model import Talker
 from .speaker import SpeakerEncoder
 from .tokenizer import TextTokenizer
+from .weights import SafetensorsFile
 from .types import AudioChunk, check_language, CancelToken, GenerationSettings, SamplingParams, VoiceInfo, VoicePrompt
 
 SAMPLE_RATE = 24000
@@ -46,10 +47,9 @@ def default_weights_cache() -> Path:
 
 
 def _speaker_tensors(ck: Checkpoint) -> dict[str, torch.Tensor]:
-    """The speaker encoder's tensors, copied: a tensor kept from the memory-mapped file would keep
-    every page of it resident."""
-    tensors = load_tensors(ck.folder / "model.safetensors", prefix="speaker_encoder.")
-    return {k: v.clone() for k, v in tensors.items()}
+    """The speaker encoder's tensors, read into memory of their own (not mapped from the checkpoint)."""
+    f = SafetensorsFile(ck.folder / "model.safetensors")
+    return {k[len("speaker_encoder."):]: f.read(k) for k in f.keys() if k.startswith("speaker_encoder.")}
 
 
 def _chat(text: str) -> str:
