@@ -18,15 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from makima_tts.testing import REF_TEXT, reference_clip
 
-REF_TEXT = "Hello world. This is a test of the voice."
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Streaming speech synthesis sends each piece of audio as soon as it is ready.",
          "A listener hears the first words while the rest of the sentence is still being made.",
          "Several voices can be served at once when their steps share each read of the weights.",
@@ -112,7 +110,7 @@ def main() -> None:
     from makima_tts.engine.batch import BatchedEngine
     from makima_tts.engine.qwen3 import Qwen3Engine
     from makima_tts.engine.types import GenerationSettings
-    from tests.checkpoints import build_checkpoint, reference_clip
+    from makima_tts.testing.checkpoints import build_checkpoint
 
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or str(build_checkpoint(Path(args.cache) / ("tiny" if args.tiny else "full-0.6b-base"),
@@ -122,8 +120,7 @@ def main() -> None:
     engine = Qwen3Engine.load(ckpt, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
-    if hasattr(engine, "_streaming_decoder"):
-        engine._streaming_decoder(voice)            # prime the codec once per voice
+    engine.prepare_voice(voice)                 # prime the codec once per voice
     # warm-up: the first pass over fresh weights is slow (page faults)
     list(engine.stream(TEXTS[0], voice, "english", GenerationSettings(max_frames=4, seed=0)))
     counts = [int(x) for x in args.streams.split(",") if x]

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from makima_tts.testing import REF_TEXT  # noqa: F401  (bench scripts import it from here too)
+
 ROOT = Path(__file__).resolve().parents[1]
-REF_TEXT = "Hello world. This is a test of the voice."
 
 
 def add_checkpoint_flags(ap: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def checkpoint(args: argparse.Namespace) -> str:
     """--checkpoint, or the random checkpoint in --cache (built on first use, in the official layout)."""
     if args.checkpoint:
         return args.checkpoint
-    from tests.checkpoints import build_checkpoint
+    from makima_tts.testing.checkpoints import build_checkpoint
 
     name = "tiny" if args.tiny else "full-0.6b-base"
     return str(build_checkpoint(Path(args.cache) / name, tiny=args.tiny))

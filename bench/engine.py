@@ -29,10 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from makima_tts.testing import REF_TEXT, reference_clip
 
-REF_TEXT = "Hello world. This is a test of the voice."
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
+    sys.path.insert(0, str(ROOT))
+
+
 TEXT = ("Streaming speech synthesis sends each piece of audio as soon as it is ready, "
         "so a listener hears the first words while the rest of the sentence is still being made.")
 
@@ -53,7 +56,6 @@ def run_ours(args) -> dict:
 
     from makima_tts.engine.qwen3 import Qwen3Engine
     from makima_tts.engine.types import GenerationSettings, SamplingParams
-    from tests.checkpoints import reference_clip
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -66,8 +68,7 @@ def run_ours(args) -> dict:
     settings = GenerationSettings(talker=SamplingParams(repetition_penalty=1.05), predictor=SamplingParams(),
                                   seed=1, max_frames=args.frames, first_chunk_frames=args.first_chunk_frames)
     t0 = time.perf_counter()
-    if hasattr(engine, "_streaming_decoder"):
-        engine._streaming_decoder(voice)      # once per voice: the codec primed with the reference codes
+    engine.prepare_voice(voice)      # once per voice: the codec primed with the reference codes
     voice_prime_s = time.perf_counter() - t0
     # Warm up to the steady state: the first pass over freshly loaded (or quantized) weights runs
     # several times slower here (page faults of a VM's memory), and would swamp a short run.
@@ -146,7 +147,6 @@ def run_reference(args) -> dict:
     import torch
     from qwen_tts import Qwen3TTSModel
 
-    from tests.checkpoints import reference_clip
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -247,7 +247,7 @@ def main() -> None:
         return
 
     if not args.checkpoint:
-        from tests.checkpoints import build_checkpoint
+        from makima_tts.testing.checkpoints import build_checkpoint
 
         name = "tiny" if args.tiny else "full-0.6b-base"
         print(f"checkpoint: building/using {args.cache}/{name}", file=sys.stderr)
@@ -307,7 +307,6 @@ def run_vox(args) -> dict:
     next to it), timed in a child of that venv's python. Returns the peer's figures or {"error": ...}."""
     import numpy as np
 
-    from tests.checkpoints import reference_clip
 
     cache = Path(args.cache) / "vox"
     venv = cache / "venv"

@@ -15,10 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from makima_tts.testing import REF_TEXT, reference_clip
 
-from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import add_checkpoint_flags, checkpoint  # noqa: E402
 
 TEXT = "Streaming speech sends each piece of audio as soon as it is ready."
 
@@ -35,7 +38,6 @@ def main() -> None:
     from makima_tts.engine.qwen3 import Qwen3Engine
     from makima_tts.engine.types import GenerationSettings
     from makima_tts.voices import PromptCache, VoiceLibrary
-    from tests.checkpoints import reference_clip
 
     torch.set_num_threads(args.threads)
     engine = Qwen3Engine.load(checkpoint(args), quantize=None if args.quantize == "none" else args.quantize)

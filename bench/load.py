@@ -22,10 +22,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from makima_tts.testing import REF_TEXT, reference_clip
 
-from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import add_checkpoint_flags, checkpoint  # noqa: E402
 TEXT = "Streaming speech sends each piece of audio as soon as it is ready, so the listener hears it at once."
 
 
@@ -110,8 +113,7 @@ def main() -> None:
         run(args.url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://"))
     else:
         from makima_tts.voices import VoiceLibrary
-        from tests.checkpoints import reference_clip
-        from tests.serverproc import ServerProcess
+        from makima_tts.testing.server import ServerProcess
 
         ckpt = checkpoint(args)
         results["settings"]["checkpoint"] = ckpt

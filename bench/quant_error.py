@@ -28,10 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from makima_tts.testing import REF_TEXT, reference_clip
 
-from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import add_checkpoint_flags, checkpoint  # noqa: E402
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Streaming speech synthesis sends each piece of audio as soon as it is ready.",
@@ -127,7 +130,6 @@ def main() -> None:
     import torch
 
     from makima_tts.engine.qwen3 import Qwen3Engine
-    from tests.checkpoints import reference_clip
 
     torch.set_num_threads(args.threads)
     args.checkpoint = checkpoint(args)

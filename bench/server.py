@@ -20,10 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from makima_tts.testing import REF_TEXT, reference_clip
 
-from bench.common import REF_TEXT, add_checkpoint_flags, checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import add_checkpoint_flags, checkpoint  # noqa: E402
 TEXT = "Streaming speech sends each piece of audio as soon as it is ready."
 
 
@@ -36,7 +39,6 @@ def rss_mb(pid: int) -> float:
 
 def engine_alone(checkpoint: str, runs: int) -> dict:
     from makima_tts.engine.qwen3 import Qwen3Engine
-    from tests.checkpoints import reference_clip
 
     engine = Qwen3Engine.load(checkpoint)
     voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
@@ -132,8 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.checkpoint = checkpoint(args)
     from makima_tts.voices import VoiceLibrary
-    from tests.checkpoints import reference_clip
-    from tests.serverproc import ServerProcess
+    from makima_tts.testing.server import ServerProcess
 
     results = {"settings": {"checkpoint": args.checkpoint, "runs": args.runs, "threads": args.threads,
                             "text": TEXT, "loadavg_before": [round(x, 2) for x in os.getloadavg()]}}

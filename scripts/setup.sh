@@ -24,7 +24,7 @@ if [ "$DEV" = 1 ]; then
   if [ "${MAKIMA_SKIP_BROWSER:-0}" != 1 ] && { ! command -v chromium || ! command -v firefox-esr || ! command -v pulseaudio; } >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1; then
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium firefox-esr pulseaudio) >/dev/null 2>&1 \
-        || echo "setup: could not install chromium / firefox-esr; browser tests will be skipped" >&2
+        || echo "setup: could not install chromium / firefox-esr; browser tests will be skipped (and fail under CI=1)" >&2
     fi
   fi
 fi

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from makima_tts.testing import REF_TEXT, reference_clip
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-REF_TEXT = "Hello world. This is a test of the voice."
+__all__ = ["REF_TEXT"]     # some tests import it from here
+
+pytest_plugins = ["makima_tts.testing.pytest_ci", "pytester"]     # CI=1: a skip is a failure
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,7 +28,7 @@ def weights_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from tests.checkpoints import build_checkpoint
+    from makima_tts.testing.checkpoints import build_checkpoint
 
     cache = os.environ.get("MAKIMA_TEST_CHECKPOINT_CACHE")
     out = Path(cache) / "tiny" if cache else tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -33,8 +37,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ref_clip():
-    from tests.checkpoints import reference_clip
-
     return reference_clip(3.0)
 
 

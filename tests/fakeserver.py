@@ -17,7 +17,9 @@ from typing import Optional
 
 import numpy as np
 
-from tests.serverproc import ROOT, ServerProcess, free_port
+from makima_tts.testing.server import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeEngine:

@@ -19,9 +19,11 @@ import soundfile as sf
 
 from makima_tts.client import (AsyncClient, CircuitOpen, Client, ConnectError, ConnectionLost, FirstAudioTimeout,
                                GapTimeout, Overloaded, TextTooLong, Unauthorized, VoiceNotFound)
-from tests.conftest import REF_TEXT
-from tests.serverproc import ROOT, ServerProcess, free_port
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess, free_port
 from tests.wsclient import Client as Raw
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GREEDY = {"do_sample": False, "seed": 1, "predictor": {"do_sample": False}}
 LONG = "Hello world, this sentence goes on. " * 12     # the tiny model speaks it for seconds

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import REF_TEXT
-from tests.serverproc import ServerProcess
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess
 from tests.wsclient import Client
 
 pytest.importorskip("piper")

@@ -113,7 +113,7 @@ _CHILD = r"""
 import json, sys
 from makima_tts.engine.qwen3 import Qwen3Engine
 from makima_tts.engine.types import GenerationSettings
-from tests.checkpoints import reference_clip
+from makima_tts.testing import reference_clip
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -158,12 +158,12 @@ def weight_bound(folder: Path) -> int:
 
 @pytest.fixture(scope="module")
 def mid_checkpoint(tmp_path_factory) -> Path:
-    from tests.checkpoints import build_checkpoint
+    from makima_tts.testing.checkpoints import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("mid") / "mid", tiny=False, mid=True)
 
 
-@pytest.mark.parametrize("size", ["tiny", "mid"])
+@pytest.mark.parametrize("size", ["tiny", pytest.param("mid", marks=pytest.mark.slow)])
 def test_peak_rss_while_loading_is_bounded_by_the_weights(size, tiny_checkpoint, request, tmp_path):
     folder = tiny_checkpoint if size == "tiny" else request.getfixturevalue("mid_checkpoint")
     bound = weight_bound(folder)

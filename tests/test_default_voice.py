@@ -8,8 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serverproc import ServerProcess
-from tests.test_server import metric
+from makima_tts.testing.server import ServerProcess, metric
 from tests.wsclient import Client
 
 pytest.importorskip("piper")

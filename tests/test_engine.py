@@ -14,7 +14,7 @@ import torch
 from makima_tts.engine.qwen3 import Qwen3Engine
 from makima_tts.engine.types import CancelToken, GenerationSettings, VoicePrompt
 from makima_tts.errors import CheckpointError, EmptyText, InvalidAudio, UnknownLanguage
-from tests.conftest import REF_TEXT
+from makima_tts.testing import REF_TEXT
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 MAX_NEW_TOKENS = 40        # the reference yields MAX_NEW_TOKENS - 1 frames when no EOS comes
@@ -255,7 +255,7 @@ def test_unreachable_repo_id_says_what_to_do(monkeypatch):
 
 def test_fingerprint_tells_checkpoints_apart(tiny_checkpoint, tmp_path):
     from makima_tts.engine.checkpoint import fingerprint
-    from tests.checkpoints import build_checkpoint
+    from makima_tts.testing.checkpoints import build_checkpoint
 
     other = build_checkpoint(tmp_path / "other", tiny=True, seed=7)
     assert fingerprint(tiny_checkpoint) == fingerprint(tiny_checkpoint)

@@ -50,6 +50,7 @@ def check_reply(m: dict) -> None:
         assert isinstance(m["recoverable"], bool)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(message, max_size=12))

@@ -17,8 +17,8 @@ from websockets.exceptions import ConnectionClosed
 
 from makima_tts.server.app import create_app
 from makima_tts.server.settings import Settings
+from makima_tts.testing.server import metric, wait_for
 from tests.fakeserver import FakeEngine, FakeServer
-from tests.test_server import metric, wait_for
 from tests.wsclient import Client
 
 
@@ -196,7 +196,7 @@ def test_static_path_with_a_nul_byte_is_404(tmp_path):
 
 
 def test_voice_clip_removed_while_downloading_is_404(tmp_path):
-    from tests.checkpoints import reference_clip
+    from makima_tts.testing import reference_clip
 
     app = create_app(Settings(voices_dir=tmp_path), engine=FakeEngine(frame_s=0))
     library = app.state.ctx.library

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REF_TEXT
-from tests.serverproc import ROOT, ServerProcess
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "page-test-key"
 LONG_TEXT = ("Hello there. This is a rather long piece of text, spoken by the page test so that the "
              "audio keeps playing for a while before somebody presses stop. ") * 3
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.browser, pytest.mark.slow]
 
 
 def _playwright():

@@ -15,17 +15,20 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REF_TEXT
-from tests.serverproc import ROOT, ServerProcess, free_port
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 PULSEAUDIO = shutil.which("pulseaudio")
 LONG_TEXT = "Hello from Firefox. This text goes on for a while so that stop has something to stop. " * 3
 
-pytestmark = [pytest.mark.timeout(300),
+pytestmark = [pytest.mark.timeout(300), pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(FIREFOX is None, reason="firefox is not installed (apt-get install firefox-esr)")]
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import httpx
 import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import REF_TEXT
-from tests.serverproc import ServerProcess
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess, metric, wait_for
 from tests.wsclient import Client
 
 openai = pytest.importorskip("openai")
@@ -64,23 +63,6 @@ def client(server):
 
 def sdk(server, **kw):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
-
-
-def metric(server, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + (labels or "")) and (labels or line[len(name)] in " {"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:

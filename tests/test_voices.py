@@ -22,7 +22,7 @@ import soundfile as sf
 
 from makima_tts.errors import EmptyText, InvalidAudio, InvalidVoiceId, VoiceExists, VoiceNotFound
 from makima_tts.voices import PromptCache, VoiceLibrary, slugify, validate_id
-from tests.checkpoints import reference_clip
+from makima_tts.testing import reference_clip
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "Hello world. This is a test of the voice."

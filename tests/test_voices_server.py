@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import REF_TEXT
-from tests.serverproc import ServerProcess
-from tests.test_server import metric, sdk
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess, metric
+from tests.test_server import sdk
 from tests.wsclient import Client
 
 openai = pytest.importorskip("openai")

@@ -5,7 +5,7 @@ import asyncio
 import threading
 from typing import Any, Iterable, Iterator, Optional
 
-from .aio import AsyncClient, TextStream, Utterance
+from .aio import AsyncClient
 
 
 class _Loop:

