@@ -99,8 +99,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--first-chunk-frames", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quantize", nargs="?", const="int8", default="none",
-                    help="none | int8 | int8-dynamic (bare --quantize: int8)")
+    ap.add_argument("--quantize", nargs="?", const="int8", default="auto",
+                    help="auto (the default path) | none | int8 | int8-dynamic (bare --quantize: int8)")
     ap.add_argument("--modes", default="unbatched,batched")
     ap.add_argument("--no-decode", action="store_true", help="frames only: no codec decoding on the stream threads")
     args = ap.parse_args()

@@ -8,6 +8,11 @@ Each session speaks `--utterances` utterances of the same text one after another
 prints first-audio p50/p95 (from `speak` to the first binary frame, as the client sees it), the
 real-time factor of each utterance (wall time / audio time), the aggregate audio seconds per wall
 second, and the errors by code. A short table, then one JSON object last.
+
+Continuity, as a listener hears it: each utterance is played in real time on the client side from
+its first audio; a chunk that arrives after the audio before it has finished playing is a gap
+(the buffer ran dry). Per level: the longest gap and how many streams had a gap over 100 ms. The
+server's real-time capacity is the largest level with no gap over 100 ms (`capacity_streams`).
 """
 from __future__ import annotations
 
@@ -52,10 +57,17 @@ async def session(url: str, n: int, voice: str | None, rate: int, out: dict, tex
                     msg["voice"] = voice
                 await ws.send(json.dumps(msg))
                 first, nbytes = None, 0
+                play_end = 0.0                   # when what arrived so far has finished playing
                 while True:
                     m = await ws.recv()
                     if isinstance(m, bytes):
-                        first = first if first is not None else time.perf_counter() - t0
+                        now = time.perf_counter()
+                        first = first if first is not None else now - t0
+                        if play_end and now > play_end:
+                            out["gap_s"] = max(out["gap_s"], now - play_end)
+                            gaps = out.setdefault("stream_gaps", {})
+                            gaps[id(ws)] = max(gaps.get(id(ws), 0.0), now - play_end)
+                        play_end = max(play_end, now) + len(m) / 2 / rate
                         nbytes += len(m)
                         continue
                     m = json.loads(m)
@@ -74,7 +86,7 @@ async def session(url: str, n: int, voice: str | None, rate: int, out: dict, tex
 
 
 async def level(url: str, streams: int, utterances: int, voice: str | None, text: str) -> dict:
-    out = {"ttfa": [], "rtf": [], "audio_s": 0.0, "errors": Counter()}
+    out = {"ttfa": [], "rtf": [], "audio_s": 0.0, "errors": Counter(), "gap_s": 0.0}
     t0 = time.perf_counter()
     await asyncio.gather(*(session(url, utterances, voice, 24000, out, text) for _ in range(streams)))
     wall = time.perf_counter() - t0
@@ -83,6 +95,8 @@ async def level(url: str, streams: int, utterances: int, voice: str | None, text
             "rtf_p50": round(statistics.median(out["rtf"]), 3) if out["rtf"] else None,
             "rtf_max": round(max(out["rtf"]), 3) if out["rtf"] else None,
             "aggregate_audio_s_per_s": round(out["audio_s"] / wall, 3), "wall_s": round(wall, 2),
+            "longest_gap_ms": round(1000 * out["gap_s"], 1),
+            "streams_gap_over_100ms": sum(g > 0.1 for g in out.get("stream_gaps", {}).values()),
             "errors": dict(out["errors"])}
 
 
@@ -96,8 +110,8 @@ def main() -> None:
     ap.add_argument("--max-streams", type=int, default=None, help="server's max_streams (default: the largest level)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", default=TEXT, help="what each utterance says")
-    ap.add_argument("--quantize", default="none", help="server's --quantize (none, int8, int8-dynamic)")
-    ap.add_argument("--batch", action="store_true", help="server's --batch")
+    ap.add_argument("--quantize", default="auto", help="server's --quantize (auto, none, int8, int8-dynamic)")
+    ap.add_argument("--no-batch", dest="batch", action="store_false", help="server's --no-batch (default: batched)")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",") if x.strip()]
     results = {"settings": {"streams": levels, "utterances": args.utterances, "text": args.text,
@@ -124,16 +138,19 @@ def main() -> None:
             with ServerProcess("--checkpoint", ckpt, "--voices-dir", voices, "--default-voice", "bench",
                                "--threads", str(args.threads), "--max-streams", str(max_streams),
                                "--max-queue", str(4 * max(levels)), "--quantize", args.quantize,
-                               *(["--batch"] if args.batch else [])) as server:
+                               "--batch" if args.batch else "--no-batch") as server:
                 server.wait_ready(timeout=600)
                 run(server.ws_url)
     results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    fine = [r["streams"] for r in results["levels"] if r["streams_gap_over_100ms"] == 0 and not r["errors"]]
+    results["capacity_streams"] = max(fine) if fine else 0
     cols = ["streams", "utterances", "ttfa_p50_ms", "ttfa_p95_ms", "rtf_p50", "rtf_max", "aggregate_audio_s_per_s",
-            "errors"]
+            "longest_gap_ms", "streams_gap_over_100ms", "errors"]
     widths = [max(len(c), 8) + 2 for c in cols]
     print("".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
     for row in results["levels"]:
         print("".join(f"{str(row[c]):>{w}}" for c, w in zip(cols, widths)))
+    print(f"real-time capacity (no gap over 100 ms): {results['capacity_streams']} streams")
     print(json.dumps(results))
 
 

@@ -70,35 +70,33 @@ def teacher_forced(engine, voice, codes) -> list[dict]:
     derail the rest. Returns, per text, the agreement of codebook 0, of codebooks 1..15, and of all."""
     import torch
 
-    from makima_tts.engine.generate import FrameGenerator, build_prompt
-    from makima_tts.engine.qwen3 import _chat, _ref_chat
+    from makima_tts.engine.generate import FrameGenerator
     from makima_tts.engine.types import GenerationSettings
 
     g = GenerationSettings.greedy_settings()
     rows = []
     with torch.inference_mode():
         for text, (ref, _, _) in zip(TEXTS, codes):
-            text_ids = engine.tokenizer.encode(_chat(text))
-            ref_ids = engine.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2]
-            prompt = build_prompt(engine.talker, engine.ids, text_ids[:-5], voice, engine.ids.languages["english"],
-                                  ref_ids)
-            gen = FrameGenerator(engine.talker, engine.ids, g.talker, g.predictor)
-            state = gen.prefill(prompt, ref.shape[0])
+            row = engine.plan(text, voice, "english", g)
+            gen = FrameGenerator(engine.talker, engine.ids)
+            gen.join([row])
             cp = engine.talker.code_predictor
             hits0 = hits = 0
             for n in range(ref.shape[0]):
                 frame = ref[n]
-                hits0 += int(state.code0) == int(frame[0])
-                embeds = torch.cat([state.hidden, engine.talker.embed_codec(frame[None, :1])], dim=1)
-                start = 0
+                hits0 += int(row.code0) == int(frame[0])
+                embeds = torch.cat([row.hidden, engine.talker.embed_codec(frame[None, :1])], dim=1)
+                positions = torch.arange(2)[None]
                 for group in range(1, engine.talker.num_groups):
-                    logits = cp.logits(embeds, start, group, gen.predictor_cache)
+                    logits = cp.logits(embeds, positions, group, gen.predictor_cache)
                     hits += int(logits.argmax(-1)) == int(frame[group])
-                    start += embeds.shape[1]
+                    positions = positions[:, -1:] + 1
                     embeds = cp.model.codec_embedding[group - 1](frame[None, group:group + 1])
-                state.history = [int(c) for c in ref[:n + 1, 0]]
-                state.code0 = frame[:1]
-                state = gen.advance(state, frame[None])
+                # the reference's frame goes back in, on the reference's history
+                row.history = [int(c) for c in ref[:n + 1, 0]]
+                row.code0, row.last, row.pending = frame[:1], frame[None], True
+                row.frames += 1
+                gen.advance()
             n = ref.shape[0]
             rows.append(dict(tf_code0=round(hits0 / n, 3), tf_codes_1_15=round(hits / (15 * n), 3),
                              tf_all=round((hits0 + hits) / (16 * n), 3)))
@@ -123,7 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(ap)
     ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--quantize", default="int8", help="comma list: none (a sanity check), int8, int8-a8, int8-dynamic")
+    ap.add_argument("--quantize", default="auto",
+                    help="comma list: auto (the default path), none (a sanity check), int8, int8-dynamic")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -133,7 +132,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     args.checkpoint = checkpoint(args)
-    engine = Qwen3Engine.load(args.checkpoint)
+    engine = Qwen3Engine.load(args.checkpoint, quantize="none")          # the float32 reference
     voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
     ref = run(engine, voice, args.frames)
     del engine

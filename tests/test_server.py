@@ -134,6 +134,8 @@ def test_cancel_stops_before_next_frame(client):
 
 
 def test_streamed_text_speaks_each_sentence_when_complete(client):
+    client.send(type="start", text_mode="sentence")
+    assert client.recv_json()["text_mode"] == "sentence"
     client.send(type="text", text="The first sentence is here. The sec")
     first = client.recv_json()                               # spoken before any flush
     assert first["type"] == "audio_start"
@@ -145,6 +147,29 @@ def test_streamed_text_speaks_each_sentence_when_complete(client):
     assert len(second_start) == 1 and second_start[0]["id"] != first["id"]
     ends = [m for m in seen + seen2 if m["type"] == "audio_end"]
     assert [e["id"] for e in ends] == [first["id"], second_start[0]["id"]]
+
+
+GREEDY = {"do_sample": False, "seed": 1, "predictor": {"do_sample": False}}
+
+
+def test_streamed_text_is_fed_token_by_token_by_default(client):
+    """Token mode (the default on Qwen3): one utterance per flush, speaking before any sentence ends, with the
+    audio of the whole text spoken at once."""
+    client.send(type="start", sampling=GREEDY)
+    assert client.recv_json()["text_mode"] == "token"
+    pieces = ["so this reply ", "has no punctuation ", "and keeps ", "going on for ", "a while longer "]
+    client.send(type="text", text=pieces[0])
+    client.send(type="text", text=pieces[1])
+    first = client.recv_json()                              # before any flush or sentence end
+    assert first["type"] == "audio_start" and first["tokens_needed"] >= 1
+    for p in pieces[2:]:
+        client.send(type="text", text=p)
+    client.send(type="flush")
+    seen, streamed = client.until("audio_end", timeout=120)
+    assert not [m for m in seen if m["type"] == "audio_start"]      # one utterance for all the pieces
+    client.send(type="speak", text="".join(pieces), id="whole")
+    _, whole = client.until("audio_end", id="whole", timeout=120)
+    assert len(streamed) > 0 and streamed == whole
 
 
 def test_stop_finishes_queue_then_closes(server):

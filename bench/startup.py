@@ -1,0 +1,82 @@
+"""Server start-up and footprint: `makima-tts serve` from launch to ready, twice (the first start quantizes
+and writes the weights cache, the second memory-maps it), and the whole server process's peak RSS after
+loading and after one utterance.
+
+    python -m bench.startup [--checkpoint DIR] [--tiny] [--threads 2]
+
+Each start is a fresh process with the default settings (quantize=auto, batched) and its own empty
+weights cache folder for the first start. Prints a table, then one JSON object last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if not __package__:    # run as a file: import bench.* as `python -m bench.startup` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import add_checkpoint_flags, checkpoint  # noqa: E402
+from makima_tts.testing import REF_TEXT, reference_clip  # noqa: E402
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def one_start(ckpt: str, voices: str, cache: str, threads: int) -> dict:
+    import httpx
+
+    from makima_tts.testing.server import ServerProcess
+
+    t0 = time.perf_counter()
+    with ServerProcess("--checkpoint", ckpt, "--voices-dir", voices, "--default-voice", "bench",
+                       "--threads", str(threads), env={"MAKIMA_TTS_WEIGHTS_CACHE": cache,
+                                                       "OMP_NUM_THREADS": str(threads)}) as server:
+        ready = server.wait_ready(timeout=900)
+        ready_s = time.perf_counter() - t0
+        pid = server.proc.pid
+        after_load = dict(rss_mb=round(status_kb(pid, "VmRSS") / 1024), peak_mb=round(status_kb(pid, "VmHWM") / 1024))
+        t1 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/audio/speech", json={"model": "tts-1", "voice": "bench", "input":
+                       "Hello there, this is the first utterance after a start.", "response_format": "pcm"},
+                       timeout=600)
+        r.raise_for_status()
+        first_utt_s = time.perf_counter() - t1
+        after_utt = dict(rss_mb=round(status_kb(pid, "VmRSS") / 1024), peak_mb=round(status_kb(pid, "VmHWM") / 1024))
+    return dict(ready_s=round(ready_s, 2), engine=ready.get("engine"), after_load=after_load,
+                after_utterance=after_utt, first_utterance_s=round(first_utt_s, 2), audio_bytes=len(r.content))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_flags(ap)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    ckpt = checkpoint(args)
+    from makima_tts.voices import VoiceLibrary
+
+    results = {"settings": {"checkpoint": ckpt, "threads": args.threads,
+                            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}, "starts": []}
+    with tempfile.TemporaryDirectory() as voices, tempfile.TemporaryDirectory() as cache:
+        VoiceLibrary(voices).add("bench", reference_clip(3.0), 24000, name="Bench", transcript=REF_TEXT)
+        for label in ("first (quantizes, writes the cache)", "second (cached)"):
+            r = one_start(ckpt, voices, cache, args.threads)
+            r["start"] = label
+            results["starts"].append(r)
+    results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"{'start':<38}{'ready s':>9}{'RSS after load MB':>19}{'peak after utterance MB':>25}")
+    for r in results["starts"]:
+        print(f"{r['start']:<38}{r['ready_s']:>9}{r['after_load']['rss_mb']:>19}{r['after_utterance']['peak_mb']:>25}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
