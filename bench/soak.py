@@ -26,7 +26,9 @@ Baseline: taken after a warm-up (one of each kind, then the longest text on both
 the engine's buffers have reached their peak size) and 3 s of rest. After the run: up to 60 s for the
 server to settle. Tolerances: sessions, running and queued utterances exactly 0; descriptors within
 +4 of baseline; RSS within +64 MB or +15 % of baseline (whichever is larger). Prints a short table,
-then one JSON object last; the exit status is 1 when a check fails.
+the server's resident memory by kind of mapping before and after (glibc heaps, other anonymous
+memory, files: a leak and allocator retention both show in the heaps; see memory_map()), then one
+JSON object last; the exit status is 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -97,6 +99,35 @@ def server_state(url: str, pid: int) -> dict:
     return {"sessions": int(m.get("makima_active_sessions", -1)), "streams": int(m.get("makima_active_streams", -1)),
             "queued": int(m.get("makima_queued_requests", -1)), "fds": fds(pid), "rss_mb": round(rss_mb(pid), 1),
             "threads": len(os.listdir(f"/proc/{pid}/task"))}
+
+
+def memory_map(pid: int) -> dict:
+    """The server's resident memory by kind of mapping, in MB (from /proc/PID/smaps): `glibc_heap`
+    (the main heap and the per-thread malloc arenas: 64 MB-aligned anonymous mappings), `anon`
+    (other anonymous mappings: large mmap()ed blocks, ONNX Runtime's arena regions, Python's
+    arenas), `files` (code and data of the loaded libraries and models)."""
+    out = {"glibc_heap": 0.0, "anon": 0.0, "files": 0.0}
+    kind = None
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):
+            start = int(head[0].split("-")[0], 16)
+            name = head[5] if len(head) > 5 else ""
+            if name == "[heap]" or (not name and start % (64 << 20) == 0):
+                kind = "glibc_heap"
+            elif not name or name.startswith("["):
+                kind = "anon"
+            else:
+                kind = "files"
+        elif head[0] == "Rss:" and kind:
+            out[kind] += int(head[1]) / 1024.0
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def check_voices_folder(root: Path) -> list[str]:
@@ -624,6 +655,7 @@ def main() -> int:
                 t.fail(f"warm-up: {warm.failures[0]}")
             time.sleep(3)
             baseline = server_state(server.url, pid)
+            results["memory_map_baseline"] = memory_map(pid)
             t0 = time.monotonic()
             results["during"] = asyncio.run(soak(server, args, clip, reference, t))
             results["wall_s"] = round(time.monotonic() - t0, 1)
@@ -636,6 +668,7 @@ def main() -> int:
                     break
                 time.sleep(1)
             results["settle_s"] = round(time.monotonic() - settle, 1)
+            results["memory_map_after"] = memory_map(pid)
             m = metrics(server.url)
             results["utterances"] = {k.split('outcome="')[1].rstrip('"}'): int(v) for k, v in m.items()
                                      if k.startswith("makima_utterances_total{")}
@@ -684,6 +717,8 @@ def main() -> int:
     print(f"abuse: cancel+close {c['cancel_and_close']}, non-readers ws/http {c['non_readers_ws']}/"
           f"{c['non_readers_http']}, abrupt ws/http {c['abrupt_ws']}/{c['abrupt_http']}, bad ws/http "
           f"{c['bad_ws_answered']}/{c['bad_http_answered']}, junk uploads {c['junk_uploads_refused']}")
+    print("resident MB by mapping, baseline -> after: " + ", ".join(
+        f"{k} {results['memory_map_baseline'][k]} -> {results['memory_map_after'][k]}" for k in results["memory_map_after"]))
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     for f in t.failures[:10]:
