@@ -12,8 +12,9 @@ for all of them: the cost of a frame grows far slower than B until the work is c
 This file only schedules; the model work is generate.py's FrameGenerator, the same code that runs
 one utterance alone (a batch of one):
 - `stream()` (the caller's thread) sets the request up with `Qwen3Engine.plan` (a Row) and hands it
-  to the scheduler. Frames come back through a per-stream queue; the caller's thread decodes them
-  with its own streaming codec decoder and cuts chunks exactly as `Qwen3Engine.stream` does.
+  to the scheduler with its own streaming codec decoder. The scheduler decodes each row's frames and
+  cuts chunks exactly as `Qwen3Engine.stream` does (ChunkCutter), on its own thread: one thread does
+  all of the compute. Chunks come back through a per-stream queue.
 - The scheduler thread (started on demand, gone when nothing is left to do) loops over frames.
   Between frames, streams that were cancelled, closed by their consumer, or finished (EOS,
   max_frames) leave (`FrameGenerator.leave`), and waiting streams join: their prefills run together
@@ -35,8 +36,8 @@ import torch
 
 from ..errors import EngineUnavailable, VoiceNotFound
 from .generate import FrameGenerator, Row
-from .qwen3 import Qwen3Engine
-from .types import CancelToken, GenerationSettings, VoicePrompt
+from .qwen3 import ChunkCutter, Qwen3Engine
+from .types import AudioChunk, CancelToken, GenerationSettings, VoicePrompt
 
 _END = object()                 # the scheduler's last item on a stream's queue (EOS, max_frames, cancel)
 _POLL_S = 0.05                  # how often a waiting consumer looks at its cancel token
@@ -47,6 +48,7 @@ class _Stream(Row):
     """A Row of the batch plus its delivery: the consumer's queue, cancel token and timings."""
 
     cancel: Optional[CancelToken] = None
+    cutter: Optional[ChunkCutter] = None         # stream(): the frames are decoded on the scheduler's thread
     out: "queue.Queue" = field(default_factory=queue.Queue)
     closed: threading.Event = field(default_factory=threading.Event)    # the consumer went away
     submitted: float = field(default_factory=time.perf_counter)
@@ -176,6 +178,29 @@ class BatchedEngine:
         if s is None:
             return
         self._submit(s)
+        yield from self._deliver(s, stats)
+
+    def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
+               settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
+               stats: Optional[dict] = None) -> Iterator[AudioChunk]:
+        """Audio chunks as Qwen3Engine.stream cuts them (the same samples), decoded on the scheduler's
+        thread: one thread does all of the compute, so the 2 cores are not shared by several thread pools."""
+        settings = settings or self.engine.defaults
+        stats = stats if stats is not None else {}
+        t_start = time.perf_counter()
+        if voice is None:
+            raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
+        s = self._request(text, voice, language, settings, cancel)
+        if s is None:
+            return
+        s.cutter = ChunkCutter(self.engine._streaming_decoder(voice), settings, stats, t_start)
+        self._submit(s)
+        try:
+            yield from self._deliver(s, stats)
+        finally:
+            s.cutter.close()
+
+    def _deliver(self, s: _Stream, stats: Optional[dict]) -> Iterator:
         try:
             while True:
                 if s.gone():
@@ -194,13 +219,9 @@ class BatchedEngine:
             if stats is not None:
                 stats.update(s.timings)
 
-    def _streaming_decoder(self, voice: VoicePrompt):
-        return self.engine._streaming_decoder(voice)
-
-    # Chunks and samples are those of Qwen3Engine.stream for the same frames: the same code, over
-    # this class's frames() and _streaming_decoder() (defaults come from the engine).
-    stream = Qwen3Engine.stream
-    synthesize = Qwen3Engine.synthesize
+    def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
+                   settings: Optional[GenerationSettings] = None):
+        return Qwen3Engine.synthesize(self, text, voice, language, settings)
 
     # ---- the scheduler thread -----------------------------------------------------------------
 
@@ -259,10 +280,21 @@ class BatchedEngine:
         self._waiting = self._waiting[len(taken):]
         return taken
 
+    @staticmethod
+    def _decode(s: _Stream, frame: Optional[torch.Tensor]):
+        """A row's frame into its chunk cutter (None: the last chunk); a decoding error ends that row only."""
+        try:
+            return s.cutter.push(frame) if frame is not None else s.cutter.finish()
+        except Exception as exc:            # noqa: BLE001 - delivered to the row's consumer
+            s.closed.set()
+            return exc
+
     def _drop_finished(self) -> None:
         """Remove streams that ended (EOS reached, max_frames, cancelled, consumer gone)."""
         self._waiting = [s for s in self._waiting if not s.gone()]
         for s in [s for s in self._active if s.gone() or s.finished]:
+            if s.cutter is not None and not s.gone():
+                s.out.put(self._decode(s, None))         # the last chunk (the decoder's tail)
             s.out.put(_END)
             self._gen.leave(s)
 
@@ -291,9 +323,14 @@ class BatchedEngine:
         done = gen.complete()                       # [(row, frame)] of rows that had no frame pending
         dt = time.perf_counter() - t1
         for s, frame in done:
-            s.out.put(frame.clone())
             s.timings["predictor_s"] += dt
             s.timings["batch_rows_sum"] += b
+            if s.cutter is None:
+                s.out.put(frame.clone())
+            else:
+                chunk = self._decode(s, frame.clone())
+                if chunk is not None:
+                    s.out.put(chunk)
         self.counters["frames"] += len(done)
         self.counters["steps"] += 1
         self.counters["max_rows"] = max(self.counters["max_rows"], b)

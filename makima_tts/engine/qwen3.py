@@ -90,46 +90,67 @@ def prepare_reference(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     return audio
 
 
-def decode_chunks(frames: Iterator[torch.Tensor], decoder, settings: GenerationSettings,
-                  cancel: Optional[CancelToken], stats: dict, t_start: float) -> Iterator[AudioChunk]:
-    """Frames of codes -> AudioChunks through a streaming codec decoder: the first chunk after
-    `first_chunk_frames` frames, then every `chunk_frames`; the last (is_last) carries the decoder's
-    tail and may hold no new frame. Nothing after a cancel. Fills stats: decode_s, ttfa_s, frames, total_s."""
-    stats.setdefault("decode_s", 0.0)
-    pending: list[torch.Tensor] = []
-    index = frame_index = 0
-    want = max(1, settings.first_chunk_frames)
+class ChunkCutter:
+    """Frames of codes in, AudioChunks out through a streaming codec decoder: the first chunk after
+    `first_chunk_frames` frames, then every `chunk_frames`; `finish()` gives the last (is_last), which
+    carries the decoder's tail and may hold no new frame. Fills stats: decode_s, ttfa_s, frames, total_s.
+    Used by `decode_chunks` (one utterance, the caller's thread) and by the batched scheduler (every
+    row's frames decoded on the scheduler's thread: one thread does all the compute)."""
 
-    def emit(last: bool) -> AudioChunk:
-        nonlocal index, frame_index, pending
+    def __init__(self, decoder, settings: GenerationSettings, stats: dict, t_start: float):
+        self.decoder, self.stats, self.t_start = decoder, stats, t_start
+        stats.setdefault("decode_s", 0.0)
+        self.pending: list[torch.Tensor] = []
+        self.index = self.frame_index = 0
+        self.want = max(1, settings.first_chunk_frames)
+        self.then = max(1, settings.chunk_frames)
+
+    def push(self, frame: torch.Tensor) -> Optional[AudioChunk]:
+        self.pending.append(frame)
+        if len(self.pending) < self.want:
+            return None
+        self.want = self.then
+        return self._emit(last=False)
+
+    def finish(self) -> AudioChunk:
+        return self._emit(last=True)
+
+    def close(self) -> None:
+        self.stats["frames"] = self.frame_index
+        self.stats["total_s"] = time.perf_counter() - self.t_start
+
+    def _emit(self, last: bool) -> AudioChunk:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pcm = decoder.push(torch.stack(pending)) if pending else np.zeros(0, np.float32)
+            pcm = self.decoder.push(torch.stack(self.pending)) if self.pending else np.zeros(0, np.float32)
             if last:
-                pcm = np.concatenate([pcm, decoder.flush()])
-        stats["decode_s"] += time.perf_counter() - t0
-        chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=index,
-                           frame_index=frame_index, num_frames=len(pending), is_last=last)
-        if index == 0:
-            stats["ttfa_s"] = time.perf_counter() - t_start
-        index += 1
-        frame_index += len(pending)
-        pending = []
+                pcm = np.concatenate([pcm, self.decoder.flush()])
+        self.stats["decode_s"] += time.perf_counter() - t0
+        chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=self.index,
+                           frame_index=self.frame_index, num_frames=len(self.pending), is_last=last)
+        if self.index == 0:
+            self.stats["ttfa_s"] = time.perf_counter() - self.t_start
+        self.index += 1
+        self.frame_index += len(self.pending)
+        self.pending = []
         return chunk
 
+
+def decode_chunks(frames: Iterator[torch.Tensor], decoder, settings: GenerationSettings,
+                  cancel: Optional[CancelToken], stats: dict, t_start: float) -> Iterator[AudioChunk]:
+    """Frames of codes -> AudioChunks (see ChunkCutter); nothing after a cancel."""
+    cut = ChunkCutter(decoder, settings, stats, t_start)
     try:
         for frame in frames:
-            pending.append(frame)
-            if len(pending) >= want:
-                yield emit(last=False)
-                want = max(1, settings.chunk_frames)
+            chunk = cut.push(frame)
+            if chunk is not None:
+                yield chunk
         if cancel is not None and cancel.cancelled:
             return
-        yield emit(last=True)
+        yield cut.finish()
     finally:
         frames.close()
-        stats["frames"] = frame_index
-        stats["total_s"] = time.perf_counter() - t_start
+        cut.close()
 
 
 class Qwen3Engine:
