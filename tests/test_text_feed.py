@@ -30,10 +30,11 @@ def whole(engine, voice, settings) -> torch.Tensor:
 
 
 def pusher(feed: TextFeed, pieces, gate=None, pause_s: float = 0.0) -> threading.Thread:
-    """Pushes the pieces from another thread (waiting on `gate` before each, when given), then closes."""
+    """Pushes the pieces from another thread (waiting on `gate` before each but the first, when given),
+    then closes."""
     def run():
-        for p in pieces:
-            if gate is not None:
+        for i, p in enumerate(pieces):
+            if gate is not None and i > 0:
                 gate()
             feed.push(p)
             if pause_s:
