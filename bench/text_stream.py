@@ -95,7 +95,7 @@ def main() -> None:
     print(f"{'voice':<10}{'mode':<10}{'tokens needed':>14}{'first audio s':>15}{'text done s':>13}")
     for r in results["runs"]:
         print(f"{r['voice']:<10}{r['mode']:<10}{r['tokens_needed']:>14}{r['first_audio_s']:>15}"
-              f"{r['text_complete_s']:>13}")
+              f"{str(r['text_complete_s']):>13}")
     print(json.dumps(results))
 
 
