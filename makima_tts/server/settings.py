@@ -58,9 +58,8 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     def streams(self) -> int:
-        """max_streams as a number. auto: the real-time capacity measured in bench/RESULTS.md (streams
-        with no gap over 100 ms to a listener) for the default engine path, per 2 CPU threads; on
-        CUDA 16; the embedded Piper engine one per core."""
+        """max_streams as a number. auto: for the default Qwen3 path on the CPU, CPU_STREAMS_PER_2_THREADS
+        per 2 threads (below); on CUDA 16; without batching 1; the embedded Piper engine one per core."""
         if self.max_streams != "auto":
             return max(1, int(self.max_streams))
         import os
@@ -75,6 +74,9 @@ class Settings(BaseSettings):
         return max(1, CPU_STREAMS_PER_2_THREADS * cores // 2)
 
 
-# measured with bench/load.py on a 2-core machine (bench/RESULTS.md): the default path, batched
+# bench/load.py on a 2-core Xeon (bench/RESULTS.md, 2026-11-29): the real-time capacity (streams with no
+# gap over 100 ms to a listener) is 0 there, as one stream is already slower than real time; 2 streams keep
+# first audio under 2 s while batching raises the aggregate (0.27 -> 0.42 audio s per s). Re-measure on a
+# machine that runs faster than real time and put its capacity here.
 CPU_STREAMS_PER_2_THREADS = 2
 
