@@ -49,6 +49,7 @@ from collections import Counter
 from pathlib import Path
 
 from makima_tts.testing import REF_TEXT     # what clip_wav()'s clip is said to say
+from makima_tts.testing.rawsocket import raw_socket, ws_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
@@ -160,27 +161,6 @@ def check_voices_folder(root: Path) -> list[str]:
 # --------------------------------------------------------------------------- raw sockets
 
 
-def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
-    n = len(payload)
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def _raw(port: int, rcvbuf: int = 4096) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(30)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
 def _reset(s: socket.socket) -> None:
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST, not FIN
@@ -199,7 +179,7 @@ def _read_head(s: socket.socket) -> bytes:
 
 
 def raw_ws(port: int) -> socket.socket:
-    s = _raw(port)
+    s = raw_socket(port)
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall((f"GET /api/v1/speak HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
@@ -218,7 +198,7 @@ def ws_non_reader(port: int, hold_s: float) -> None:
 
 
 def http_non_reader(port: int, hold_s: float) -> None:
-    s = _raw(port)
+    s = raw_socket(port)
     body = json.dumps({"input": LONG, "response_format": "pcm"}).encode()
     s.sendall((f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
@@ -231,7 +211,7 @@ def abrupt(port: int, ws: bool, read_bytes: int) -> None:
         s = raw_ws(port)
         s.sendall(ws_frame(json.dumps({"type": "speak", "text": random.choice(TEXTS + [LONG])}).encode()))
     else:
-        s = _raw(port, 65536)
+        s = raw_socket(port, 65536)
         body = json.dumps({"input": random.choice(TEXTS + [LONG]), "response_format": "pcm"}).encode()
         s.sendall((f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)

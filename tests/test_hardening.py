@@ -17,34 +17,13 @@ from websockets.exceptions import ConnectionClosed
 
 from makima_tts.server.app import create_app
 from makima_tts.server.settings import Settings
+from makima_tts.testing.rawsocket import raw_socket, ws_frame
 from makima_tts.testing.server import metric, wait_for
 from tests.fakeserver import FakeEngine, FakeServer
 from tests.wsclient import Client
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def ws_frame(text: str) -> bytes:
-    """A masked WebSocket text frame, as a client sends it."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x81, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def raw_socket(port: int, rcvbuf: int = 4096) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(30)
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def read_head(s: socket.socket) -> bytes:
