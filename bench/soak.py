@@ -49,7 +49,7 @@ from collections import Counter
 from pathlib import Path
 
 from makima_tts.testing import REF_TEXT     # what clip_wav()'s clip is said to say
-from makima_tts.testing.rawsocket import raw_socket, ws_frame
+from makima_tts.testing.rawsocket import raw_socket, read_head, ws_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 if not __package__:    # run as a file (python bench/X.py): import bench.* as `python -m bench.X` does
@@ -168,22 +168,12 @@ def _reset(s: socket.socket) -> None:
         s.close()
 
 
-def _read_head(s: socket.socket) -> bytes:
-    head = b""
-    while b"\r\n\r\n" not in head:
-        b = s.recv(1)
-        if not b:
-            break
-        head += b
-    return head
-
-
 def raw_ws(port: int) -> socket.socket:
     s = raw_socket(port)
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall((f"GET /api/v1/speak HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = _read_head(s)
+    head = read_head(s)
     if b" 101 " not in head.split(b"\r\n")[0]:
         s.close()
         raise RuntimeError(f"handshake refused: {head[:60]!r}")

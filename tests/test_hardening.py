@@ -17,23 +17,13 @@ from websockets.exceptions import ConnectionClosed
 
 from makima_tts.server.app import create_app
 from makima_tts.server.settings import Settings
-from makima_tts.testing.rawsocket import raw_socket, ws_frame
+from makima_tts.testing.rawsocket import raw_socket, read_head, ws_frame
 from makima_tts.testing.server import metric, wait_for
 from tests.fakeserver import FakeEngine, FakeServer
 from tests.wsclient import Client
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def read_head(s: socket.socket) -> bytes:
-    head = b""
-    while b"\r\n\r\n" not in head:
-        b = s.recv(1)
-        if not b:
-            break
-        head += b
-    return head
 
 
 def raw_websocket(port: int, query: str = "") -> socket.socket:

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32          # weights per scale
 GROUP = 512         # the kernel's fast path: in_features a multiple of 512 (else a plain C++ loop)
-KERNEL_ROWS = 1 << 30  # activation rows per kernel call (it takes any number)
 PREFILL_ROWS = 64   # more activation rows than this (prefill): dequantize and use torch's float matrix product
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int8-dynamic")
 
@@ -101,8 +100,8 @@ class Int8Linear(nn.Module):
     The kernel rounds the activations to int16 (one scale per row), so the error is the weights'
     rounding alone. `qweight` is stored in the kernel's order (permuted within groups of 512
     inputs); `dequantized()` gives the float weight in natural order. The module owns how rows
-    are fed to the kernel: up to KERNEL_ROWS rows per call (its fast path), and above
-    PREFILL_ROWS (a prompt) the weights dequantized once for a float matrix product."""
+    are fed to the kernel: all in one call up to PREFILL_ROWS (its fast path takes any number), and
+    above (a prompt) the weights dequantized once for a float matrix product."""
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: Optional[torch.Tensor] = None):
@@ -134,11 +133,7 @@ class Int8Linear(nn.Module):
             w = _scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
             out = F.linear(x2, self.dequantized(w), self.bias)
         else:
-            if rows <= KERNEL_ROWS:
-                out = self._op(x2, self.qweight, self.scales)
-            else:
-                out = torch.cat([self._op(x2[i:i + KERNEL_ROWS], self.qweight, self.scales)
-                                 for i in range(0, rows, KERNEL_ROWS)])
+            out = self._op(x2, self.qweight, self.scales)
             if self.bias is not None:
                 out = out + self.bias
         return out.view(*shape[:-1], self.out_features).to(x.dtype)

@@ -30,3 +30,14 @@ def raw_socket(port: int, rcvbuf: int = 4096) -> socket.socket:
     s.settimeout(30)
     s.connect(("127.0.0.1", port))
     return s
+
+
+def read_head(s: socket.socket) -> bytes:
+    """The HTTP response head (up to the blank line) from a raw socket, byte by byte."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        b = s.recv(1)
+        if not b:
+            break
+        head += b
+    return head
