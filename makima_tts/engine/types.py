@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, Union
 
 import numpy as np
+
+from ..bridge import CancelToken
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +62,28 @@ class GenerationSettings:
         return cls(talker=SamplingParams(do_sample=False, repetition_penalty=1.05),
                    predictor=SamplingParams(do_sample=False), **kw)
 
+    def with_overrides(self, overrides: Optional[Mapping[str, Any]] = None) -> "GenerationSettings":
+        """These settings with a request's sampling overrides, in the shape of the protocol's
+        `start.sampling` (docs/protocol.md): the talker's fields at the top (do_sample, temperature,
+        top_k, top_p, repetition_penalty), the code predictor's under "predictor", and seed and
+        max_frames. A missing or None value keeps the setting. Used by the server and by `say`."""
+        if not overrides:
+            return self
+
+        def stage(params: SamplingParams, values: Mapping[str, Any]) -> SamplingParams:
+            changes = {k: values[k] for k in _SAMPLING_FIELDS if values.get(k) is not None}
+            return replace(params, **changes) if changes else params
+
+        changes: dict[str, Any] = {"talker": stage(self.talker, overrides),
+                                   "predictor": stage(self.predictor, overrides.get("predictor") or {})}
+        for name in ("seed", "max_frames"):
+            if overrides.get(name) is not None:
+                changes[name] = overrides[name]
+        return replace(self, **changes)
+
+
+_SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
 
 @dataclass
 class AudioChunk:
@@ -86,20 +110,6 @@ class VoiceInfo:
     language: str
     builtin: bool = True
     description: str = ""
-
-
-class CancelToken:
-    """Set by the consumer; the engine checks it between frames and stops."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 class SpeechEngine(Protocol):
