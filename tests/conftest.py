@@ -12,8 +12,6 @@ from makima_tts.testing import REF_TEXT, reference_clip
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-__all__ = ["REF_TEXT"]     # some tests import it from here
-
 pytest_plugins = ["makima_tts.testing.pytest_ci", "pytester"]     # CI=1: a skip is a failure
 
 

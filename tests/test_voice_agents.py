@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serverproc import ServerProcess
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess, metric
 from tests.wsclient import Client
 
 pytest.importorskip("piper", reason="the piper extra is not installed")
@@ -28,7 +29,6 @@ LONG = "This sentence is spoken again and again, so that it goes on for a long t
 def qwen_server(tiny_checkpoint, tmp_path_factory, ref_clip):
     """The tiny Qwen3 checkpoint: HTTP requests with a `seed` speak the same audio each time."""
     from makima_tts.voices import VoiceLibrary
-    from tests.conftest import REF_TEXT
 
     d = tmp_path_factory.mktemp("agents-qwen")
     VoiceLibrary(d / "voices").add("tester", ref_clip, 24000, name="Tester", transcript=REF_TEXT)
@@ -257,12 +257,7 @@ def test_cancelled_carries_audio_ms_sent(server, how):
 
 
 def test_played_is_reported_in_cancelled_and_metrics(server):
-    def metric(name):
-        for line in httpx.get(server.url + "/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-    before = metric("makima_played_reports_total")
+    before = metric(server, "makima_played_reports_total")
     with Client(server.ws_url) as c:
         c.recv_json()
         msg, _ = _cut(c, "interrupt", played_ms=1.5)
@@ -274,8 +269,8 @@ def test_played_is_reported_in_cancelled_and_metrics(server):
         c.until("audio_start", "again")
         c.send(type="cancel")
         c.until("cancelled")
-    assert metric("makima_played_reports_total") == before + 2
-    assert metric('makima_cut_audio_seconds_total{kind="played"}') >= 0.0015
+    assert metric(server, "makima_played_reports_total") == before + 2
+    assert metric(server, "makima_cut_audio_seconds_total", '{kind="played"}') >= 0.0015
 
 
 def test_played_errors(server):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.serverproc import ServerProcess, free_port
+from makima_tts.testing import REF_TEXT
+from makima_tts.testing.server import ServerProcess, free_port, metric
 
 pytest.importorskip("wyoming", reason="the server extra (wyoming) is not installed")
 from wyoming.audio import AudioChunk, AudioStart  # noqa: E402
@@ -223,18 +223,15 @@ def test_streamed_text_limits(server):
 
 def test_wyoming_uses_the_http_servers_context(server):
     """Same engine and metrics as HTTP: a Wyoming utterance is counted in the server's /metrics."""
-    def count() -> float:
-        total = 0.0
-        for line in httpx.get(server.url + "/metrics").text.splitlines():
-            if line.startswith("makima_utterances_total{") and 'outcome="ok"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-    before = count()
+    def count() -> float:      # raises while the series does not exist (a renamed metric or label)
+        return metric(server, "makima_utterances_total", '{engine="piper",outcome="ok"}')
 
     async def go():
         async with client(server) as c:
             await c.write_event(Synthesize(text="Counted.").event())
             await read_until(c, "audio-stop")
+    run(go())                  # the series exists once an utterance has been spoken
+    before = count()
     run(go())
     assert count() == before + 1
 
@@ -245,7 +242,6 @@ def test_wyoming_uses_the_http_servers_context(server):
 @pytest.fixture(scope="module")
 def qwen_server(tiny_checkpoint, tmp_path_factory, ref_clip):
     from makima_tts.voices import VoiceLibrary
-    from tests.conftest import REF_TEXT
 
     d = tmp_path_factory.mktemp("wyoming-qwen")
     lib = VoiceLibrary(d / "voices")
