@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from makima_tts.engine.types import LANGUAGES
 from makima_tts.testing import REF_TEXT
 from makima_tts.testing.server import ServerProcess, metric, wait_for
 from tests.wsclient import Client
@@ -81,6 +82,10 @@ def test_ready_then_frames_of_pcm(server):
         assert ready["type"] == "ready" and ready["engine"] == "qwen3"
         assert ready["sample_rate"] == 24000 and ready["format"] == "pcm_s16le" and ready["channels"] == 1
         assert ready["voice"] == "tester" and ready["session_id"]
+        # what the session accepts (the /speak page takes its pickers and limits from these)
+        assert ready["languages"] == list(LANGUAGES) and ready["languages"][0] == "auto"
+        assert ready["sample_rates"] == [8000, 16000, 22050, 24000, 44100, 48000]
+        assert ready["max_text_chars"] == MAX_TEXT
         end, audio = c.utterance("Hello world.", id="a")
         kinds = ["bin" if isinstance(m, bytes) else m["type"] for m in c.log]
         assert kinds[1] == "audio_start" and kinds[-1] == "audio_end"

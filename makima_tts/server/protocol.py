@@ -6,6 +6,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from ..engine.types import LANGUAGES
 from ..errors import InvalidInput, UnsupportedFormat
 from .stream import SAMPLE_RATES
 
@@ -78,6 +79,12 @@ class Played(_Msg):
 
 ClientMessage = Annotated[Union[Start, Speak, Text, Flush, Cancel, Stop, Played], Field(discriminator="type")]
 _adapter = TypeAdapter(ClientMessage)
+
+
+def accepted(max_text_chars: int) -> dict:
+    """What a session accepts, for `ready` (so clients such as the /speak page take it from the server
+    instead of keeping copies): the `language` values, the `sample_rate` values, the longest text."""
+    return {"languages": list(LANGUAGES), "sample_rates": list(SAMPLE_RATES), "max_text_chars": max_text_chars}
 
 
 def _short(value, limit: int = 40) -> str:

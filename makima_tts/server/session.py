@@ -20,7 +20,7 @@ from ..errors import InvalidInput, MakimaError, Overloaded, SendTimeout, ServerS
 from ..text import SentenceBuffer
 from .auth import websocket_key_ok
 from .errors import public_message
-from .protocol import Cancel, Flush, Played, Speak, Start, Stop, Text, parse_message
+from .protocol import Cancel, Flush, Played, Speak, Start, Stop, Text, accepted, parse_message
 from .stream import Synthesis
 
 log = logging.getLogger("makima_tts.server")
@@ -467,7 +467,8 @@ class Session:
                          "format": self.format, "channels": 1, "voice": self.voice or default.get("voice_id"),
                          "default_voice": default, "language": self.language,
                          "model": str(ctx.engine.model_id), "engine": ctx.engine.name,
-                         "text_mode": "token" if self._token_mode() else "sentence"})
+                         "text_mode": "token" if self._token_mode() else "sentence",
+                         **accepted(ctx.settings.max_text_chars)})
 
     async def send_error(self, e: MakimaError, id: Optional[str] = None, recoverable: Optional[bool] = None,
                          timeout: Optional[float] = None) -> None:
