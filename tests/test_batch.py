@@ -316,3 +316,35 @@ def test_default_path_batched_equals_alone(default_engine, voice, xvoice, others
         assert be.counters["max_rows"] == len(specs)
     finally:
         be.close()
+
+
+def test_streams_share_codec_calls(engine, voice, xvoice):
+    """Streams decoded on the scheduler share one codec call per step; each still gets the chunks it
+    gets alone (same boundaries, samples equal to float rounding)."""
+    s = GenerationSettings.greedy_settings(max_frames=15, first_chunk_frames=2, chunk_frames=4)
+    specs = [(TEXTS[0], voice), (TEXTS[1], xvoice), (TEXTS[3], voice)]
+    want = [list(engine.stream(t, v, "english", s)) for t, v in specs]
+    be = BatchedEngine(engine, max_batch=4)
+    try:
+        got: list = [None] * 3
+
+        def run(i):
+            got[i] = list(be.stream(specs[i][0], specs[i][1], "english", s))
+
+        be.hold()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: be.active_streams == 3)
+        be.resume()
+        for t in threads:
+            t.join(60)
+        assert be.counters["codec_max_rows"] == 3
+        assert be.counters["codec_calls"] < sum(len(w) for w in want)
+        for g, w in zip(got, want):
+            assert [(c.index, c.frame_index, c.num_frames, c.is_last) for c in g] == \
+                [(c.index, c.frame_index, c.num_frames, c.is_last) for c in w]
+            a, b = np.concatenate([c.pcm for c in g]), np.concatenate([c.pcm for c in w])
+            assert a.shape == b.shape and np.max(np.abs(a - b)) < 2e-3
+    finally:
+        be.close()

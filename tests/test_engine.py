@@ -285,3 +285,49 @@ def test_cli_say_reports_bad_clip(tiny_checkpoint, tmp_path):
     r = run_cli("say", TEXT, "--checkpoint", str(tiny_checkpoint), "--ref-audio", str(bad), "--ref-text", "x",
                 "-o", str(tmp_path / "o.wav"))
     assert r.returncode == 2 and "INVALID_AUDIO" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_push_many_equals_each_push(engine):
+    """Several streams at different points (no history, a short one, one past the attention window)
+    decoded in one codec call get the audio each gets alone: same length, equal to float rounding."""
+    from makima_tts.engine.codec import StreamingDecoder
+
+    codec = engine.codec
+    g = torch.Generator().manual_seed(3)
+    codes = [torch.randint(0, codec.codebook_size, (100, 16), generator=g) for _ in range(3)]
+    contexts = [None, codes[1][:5], codes[2][:80]]
+    alone = [codec.streaming_decoder(c) for c in contexts]
+    shared = [codec.streaming_decoder(c) for c in contexts]
+    got, want = [[], [], []], [[], [], []]
+    for t in range(0, 12, 2):
+        for i in range(3):
+            want[i].append(alone[i].push(codes[i][80 + t:82 + t]))
+        for i, pcm in enumerate(StreamingDecoder.push_many(shared, [c[80 + t:82 + t] for c in codes])):
+            got[i].append(pcm)
+    for i in range(3):
+        a, b = np.concatenate(got[i]), np.concatenate(want[i])
+        assert a.shape == b.shape == (12 * 1920,)
+        assert np.max(np.abs(a - b)) < WAVE_MAX_ABS
+        assert shared[i].frames_decoded == alone[i].frames_decoded
+    # a different frame count per stream: each still gets its own frames' audio
+    mixed = StreamingDecoder.push_many(shared, [codes[0][:1], codes[1][:3], codes[2][:0]])
+    assert [m.shape[0] for m in mixed] == [1920, 3 * 1920, 0]
+
+
+def test_codec_precision_follows_the_path(tiny_checkpoint):
+    """quantize="none" keeps the codec in float32; the default int8 path runs it in bfloat16 where the
+    CPU has bfloat16 arithmetic; the encoder is not kept in memory."""
+    from makima_tts.engine.codec import cpu_has_native_bf16
+
+    exact = Qwen3Engine.load(tiny_checkpoint, quantize="none")
+    assert exact.codec.decoder.dtype == torch.float32 and exact.load_info["codec_dtype"] == "float32"
+    fast = Qwen3Engine.load(tiny_checkpoint)
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert fast.codec.decoder.dtype == want and fast.codec.decoder.proj_first.dtype == want
+    assert not hasattr(fast.codec, "encoder")
+    forced = Qwen3Engine.load(tiny_checkpoint, codec_dtype="bfloat16")
+    assert forced.codec.decoder.dtype == torch.bfloat16
+    pcm = np.concatenate([c.pcm for c in forced.stream("Hello there.", forced.create_voice_prompt(
+        np.sin(np.arange(72000) / 20).astype(np.float32) * 0.3, 24000, x_vector_only=True), "english",
+        GenerationSettings.greedy_settings(max_frames=6))])
+    assert pcm.dtype == np.float32 and pcm.size and pcm.size % 1920 == 0 and np.isfinite(pcm).all()

@@ -14,7 +14,8 @@ one utterance alone (a batch of one):
 - `stream()` (the caller's thread) sets the request up with `Qwen3Engine.plan` (a Row) and hands it
   to the scheduler with its own streaming codec decoder. The scheduler decodes each row's frames and
   cuts chunks exactly as `Qwen3Engine.stream` does (ChunkCutter), on its own thread: one thread does
-  all of the compute. Chunks come back through a per-stream queue.
+  all of the compute. Chunks come back through a per-stream Channel (makima_tts.bridge): the
+  consumer waits on it without polling, woken at once by a chunk, the end, an error or a cancel.
 - The scheduler thread (started on demand, gone when nothing is left to do) loops over frames.
   Between frames, streams that were cancelled, closed by their consumer, or finished (EOS,
   max_frames) leave (`FrameGenerator.leave`), and waiting streams join: their prefills run together
@@ -26,7 +27,6 @@ one utterance alone (a batch of one):
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -34,28 +34,48 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..bridge import Channel
 from ..errors import EngineUnavailable, VoiceNotFound
 from .generate import FrameGenerator, Row
+from .codec import StreamingDecoder
 from .qwen3 import ChunkCutter, Qwen3Engine
 from .types import AudioChunk, CancelToken, GenerationSettings, VoicePrompt
 
-_END = object()                 # the scheduler's last item on a stream's queue (EOS, max_frames, cancel)
-_POLL_S = 0.05                  # how often a waiting consumer looks at its cancel token
+_END = object()                 # the scheduler's last item on a stream's channel (EOS, max_frames, cancel)
+_POLL_S = 0.05                  # the scheduler's longest wait for text or resume() before it looks again
+# With several rows, each row's codes are decoded every DECODE_EVERY frames (and at its chunk ends),
+# all due rows in one codec call: the codec is most of the work at 8 streams, and one call over B rows
+# costs far less than B calls (bench/codec.py). Alone, a row decodes whole chunks (the cheapest).
+DECODE_EVERY = 2
 
 
 @dataclass(eq=False)
 class _Stream(Row):
-    """A Row of the batch plus its delivery: the consumer's queue, cancel token and timings."""
+    """A Row of the batch plus its delivery: the consumer's channel, cancel token and timings."""
 
     cancel: Optional[CancelToken] = None
     cutter: Optional[ChunkCutter] = None         # stream(): the frames are decoded on the scheduler's thread
-    out: "queue.Queue" = field(default_factory=queue.Queue)
-    closed: threading.Event = field(default_factory=threading.Event)    # the consumer went away
+    out: "_Out" = field(default_factory=lambda: _Out())
+    closed: threading.Event = field(default_factory=threading.Event)    # it takes no more frames (error, consumer gone)
     submitted: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
 
     def gone(self) -> bool:
-        return self.closed.is_set() or (self.cancel is not None and self.cancel.cancelled)
+        return self.closed.is_set() or self.out.gone
+
+
+class _Out(Channel):
+    """A stream's channel, the scheduler's side: `put` takes a frame or chunk, an exception (the stream
+    ends with it, raised to the consumer) or _END. Unbounded: the scheduler never waits for a consumer."""
+
+    def put(self, item) -> bool:
+        if item is _END:
+            self.end()
+        elif isinstance(item, BaseException):
+            self.fail(item)
+        else:
+            return super().put(item)
+        return True
 
 
 class BatchedEngine:
@@ -81,7 +101,8 @@ class BatchedEngine:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._gen: Optional[FrameGenerator] = None
-        self.counters = {"frames": 0, "steps": 0, "max_rows": 0, "threads_started": 0}
+        self.counters = {"frames": 0, "steps": 0, "max_rows": 0, "threads_started": 0,
+                         "codec_calls": 0, "codec_max_rows": 0}
         # called by the scheduler thread after every frame step with the rows it stepped (tests, metrics)
         self.on_step = None
         self._hold = 0
@@ -149,7 +170,7 @@ class BatchedEngine:
         row = self.engine.plan(text, voice, language, settings, cancel)
         if row is None:                          # cancelled while waiting for its text
             return None
-        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel)
+        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=_Out(cancel=cancel))
         if s.feed is not None:
             s.feed.listen(self._poke)            # the scheduler waits for text as a row runs dry
         return s
@@ -201,21 +222,14 @@ class BatchedEngine:
             s.cutter.close()
 
     def _deliver(self, s: _Stream, stats: Optional[dict]) -> Iterator:
+        """The stream's items as the scheduler hands them over, to its end, its error or its cancel."""
         try:
-            while True:
-                if s.gone():
-                    return
-                try:
-                    item = s.out.get(timeout=_POLL_S)
-                except queue.Empty:
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            while (item := s.out.get()) is not Channel.DONE:
                 yield item
         finally:
             s.closed.set()
+            s.out.close()
+            self._poke()                         # the scheduler drops the row now, not at its next look
             if stats is not None:
                 stats.update(s.timings)
 
@@ -281,20 +295,50 @@ class BatchedEngine:
         return taken
 
     @staticmethod
-    def _decode(s: _Stream, frame: Optional[torch.Tensor]):
-        """A row's frame into its chunk cutter (None: the last chunk); a decoding error ends that row only."""
+    def _finish(s: _Stream):
+        """A row's last chunk (its waiting frames and the decoder's tail); a decoding error ends that row only."""
         try:
-            return s.cutter.push(frame) if frame is not None else s.cutter.finish()
+            return s.cutter.finish()
         except Exception as exc:            # noqa: BLE001 - delivered to the row's consumer
             s.closed.set()
             return exc
+
+    def _decode_due(self) -> None:
+        """Decode, in one codec call, the waiting frames of every row that is due (see DECODE_EVERY)."""
+        rows = [s for s in self._gen.rows if s.cutter is not None]
+        every = DECODE_EVERY if len(rows) > 1 else None
+        due = [s for s in rows if s.cutter.due(every)]
+        if not due:
+            return
+        codes = [s.cutter.take_codes() for s in due]
+        self.counters["codec_calls"] += 1
+        self.counters["codec_max_rows"] = max(self.counters["codec_max_rows"], len(due))
+        t0 = time.perf_counter()
+        try:
+            pcms = StreamingDecoder.push_many([s.cutter.decoder for s in due], codes)
+        except Exception:                   # noqa: BLE001 - decode alone: an error ends its row only
+            pcms = []
+            for s, c in zip(due, codes):
+                try:
+                    pcms.append(s.cutter.decoder.push(c))
+                except Exception as exc:    # noqa: BLE001 - delivered to the row's consumer
+                    pcms.append(exc)
+        share = (time.perf_counter() - t0) / len(due)
+        for s, pcm in zip(due, pcms):
+            if isinstance(pcm, Exception):
+                s.closed.set()
+                s.out.put(pcm)
+                continue
+            chunk = s.cutter.decoded(pcm, share)
+            if chunk is not None:
+                s.out.put(chunk)
 
     def _drop_finished(self) -> None:
         """Remove streams that ended (EOS reached, max_frames, cancelled, consumer gone)."""
         self._waiting = [s for s in self._waiting if not s.gone()]
         for s in [s for s in self._active if s.gone() or s.finished]:
             if s.cutter is not None and not s.gone():
-                s.out.put(self._decode(s, None))         # the last chunk (the decoder's tail)
+                s.out.put(self._finish(s))
             s.out.put(_END)
             self._gen.leave(s)
 
@@ -328,9 +372,8 @@ class BatchedEngine:
             if s.cutter is None:
                 s.out.put(frame.clone())
             else:
-                chunk = self._decode(s, frame.clone())
-                if chunk is not None:
-                    s.out.put(chunk)
+                s.cutter.add(frame.clone())
+        self._decode_due()
         self.counters["frames"] += len(done)
         self.counters["steps"] += 1
         self.counters["max_rows"] = max(self.counters["max_rows"], b)

@@ -24,7 +24,7 @@ the tensor names as stored in the official checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -341,17 +341,54 @@ class CodecEncoder:
 
 @dataclass
 class DecoderState:
-    """Everything a stream carries from one push to the next (a few MB at full size)."""
+    """Everything a stream carries from one push to the next (a few MB at full size).
+
+    A state holds B rows. Rows may have consumed different numbers of frames (`DecoderState.stack`
+    of several streams): each row's keys are the last min(frames, window - 1) of its layer's key
+    tensor, the slots to their left are padding that attention never sees."""
 
     conv: list[Tensor]                       # per conv slot: last input samples (B, C_in, context)
     keys: list[Optional[Tensor]]             # per transformer layer: (B, H_kv, <= window - 1, Dh)
     values: list[Optional[Tensor]]
-    frames: int = 0                          # frames consumed so far (= next RoPE position)
+    frames: list[int]                        # per row: frames consumed so far (= next RoPE position)
 
     def clone(self) -> "DecoderState":
         c = lambda t: None if t is None else t.clone()  # noqa: E731
         return DecoderState([t.clone() for t in self.conv], [c(t) for t in self.keys],
-                            [c(t) for t in self.values], self.frames)
+                            [c(t) for t in self.values], list(self.frames))
+
+    @staticmethod
+    def stack(states: list["DecoderState"]) -> "DecoderState":
+        """One state holding the rows of `states` in order (keys left-padded to the longest history)."""
+        conv = [torch.cat(ts) for ts in zip(*(s.conv for s in states))]
+        return DecoderState(conv, [_stack_kv([s.keys[i] for s in states]) for i in range(len(states[0].keys))],
+                            [_stack_kv([s.values[i] for s in states]) for i in range(len(states[0].values))],
+                            [f for s in states for f in s.frames])
+
+    def split(self, keep: int) -> list["DecoderState"]:
+        """One single-row state per row, each with exactly its own min(frames, keep) keys."""
+        def row(t: Optional[Tensor], b: int, n: int) -> Optional[Tensor]:
+            return None if t is None or n == 0 else t[b:b + 1, :, t.shape[2] - n:].clone()
+
+        return [DecoderState([t[b:b + 1].clone() for t in self.conv], [row(t, b, min(f, keep)) for t in self.keys],
+                             [row(t, b, min(f, keep)) for t in self.values], [f])
+                for b, f in enumerate(self.frames)]
+
+
+def _stack_kv(ts: list[Optional[Tensor]]) -> Optional[Tensor]:
+    present = [t for t in ts if t is not None]
+    if not present:
+        return None
+    longest = max(t.shape[2] for t in present)
+    like = present[0]
+    padded = []
+    for t in ts:
+        if t is None:
+            t = like.new_zeros(1, like.shape[1], 0, like.shape[3])
+        if t.shape[2] < longest:
+            t = F.pad(t, (0, 0, longest - t.shape[2], 0))
+        padded.append(t)
+    return torch.cat(padded)
 
 
 class _Slots:
@@ -488,7 +525,11 @@ class _DecoderLayer:
             k, v = torch.cat([state.keys[i], k], dim=2), torch.cat([state.values[i], v], dim=2)
         keep = cfg.sliding_window - 1                    # a future query needs this many past keys
         state.keys[i], state.values[i] = k[:, :, -keep:].clone(), v[:, :, -keep:].clone()
-        mask = _window_mask(n, past, cfg.sliding_window, h.device)
+        history = [min(f, keep) for f in state.frames]   # each row's real keys: the last `history` of `past`
+        if all(m == past for m in history):
+            mask = _window_mask(n, past, cfg.sliding_window, h.device)
+        else:
+            mask = _rows_window_mask(n, past, history, cfg.sliding_window, h.device)
         if cfg.num_key_value_heads != cfg.num_attention_heads:
             rep = cfg.num_attention_heads // cfg.num_key_value_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -515,6 +556,16 @@ def _window_mask(n: int, past: int, window: int, device: torch.device) -> Union[
     qpos = torch.arange(n, device=device)[:, None] + past
     kpos = torch.arange(past + n, device=device)[None, :]
     return (kpos <= qpos) & (kpos > qpos - window)
+
+
+def _rows_window_mask(n: int, past: int, history: list[int], window: int, device: torch.device) -> Tensor:
+    """(B, 1, n, past + n) mask for rows whose first (past - history[b]) key slots are padding."""
+    qpos = torch.arange(n, device=device)[:, None] + past
+    kpos = torch.arange(past + n, device=device)[None, :]
+    causal = (kpos <= qpos) & (kpos > qpos - window)                               # (n, past + n)
+    first = past - torch.tensor(history, device=device)                             # (B,)
+    real = kpos[None] >= first[:, None, None]                                       # (B, 1, past + n)
+    return (causal[None] & real)[:, None]
 
 
 class CodecDecoder:
@@ -554,7 +605,7 @@ class CodecDecoder:
     def new_state(self, batch: int = 1) -> DecoderState:
         conv = [torch.zeros(batch, c, k, dtype=self.dtype, device=self.device) for c, k in self.slot_shapes]
         n = len(self.layers)
-        return DecoderState(conv, [None] * n, [None] * n, 0)
+        return DecoderState(conv, [None] * n, [None] * n, [0] * batch)
 
     def embed(self, codes: Tensor) -> Tensor:
         """codes (B, n, Q) -> (B, D, n): sum of the codebook vectors, projected."""
@@ -567,7 +618,7 @@ class CodecDecoder:
         n = codes.shape[1]
         x = self.pre_conv(self.embed(codes), state)                                  # (B, latent, n)
         x = F.linear(x.transpose(1, 2), *self.input_proj)                             # (B, n, hidden)
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, state.frames, n, x.dtype, x.device)
+        cos, sin = self._rope(state.frames, n, x.dtype, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, state, i)
         x = F.linear(rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), *self.output_proj)
@@ -578,16 +629,58 @@ class CodecDecoder:
         for block in self.blocks:
             x = block(x, state)                                                       # channels / 2, x rate
         wav = self.conv_out(self.act_out(x), state)                                   # (B, 1, 1920n)
-        state.frames += n
+        state.frames = [f + n for f in state.frames]
         return wav[:, 0].clamp(-1.0, 1.0)
+
+    def _rope(self, frames: list[int], n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos/sin for n new frames of each row: (n, Dh) when the rows share their position, else (B, 1, n, Dh)."""
+        cfg = self.cfg
+        if len(set(frames)) == 1:
+            return rope_tables(cfg.head_dim, cfg.rope_theta, frames[0], n, dtype, device)
+        tables = [rope_tables(cfg.head_dim, cfg.rope_theta, f, n, dtype, device) for f in frames]
+        return torch.stack([c for c, _ in tables])[:, None], torch.stack([s for _, s in tables])[:, None]
 
 
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
+def _cast(obj: object, dtype: torch.dtype) -> None:
+    """Cast, in place, every floating tensor held by a decoder building block (attributes, lists, tuples)."""
+    def conv(v):
+        if isinstance(v, Tensor):
+            return v.to(dtype) if v.is_floating_point() else v
+        if isinstance(v, (list, tuple)):
+            return type(v)(conv(x) for x in v)
+        if type(v).__module__ == __name__ and hasattr(v, "__dict__") and not is_dataclass(v):
+            _cast(v, dtype)
+        return v
+    for name, value in vars(obj).items():
+        setattr(obj, name, conv(value))
+
+
+def decoder_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The codec decoder's precision for "auto": bfloat16 on a CPU with native bfloat16 arithmetic
+    (AVX-512 BF16 or AMX: the convolutions run 2-3x faster, see bench/RESULTS.md for the error), the
+    model's dtype otherwise (float32 on an AVX2 CPU, where bfloat16 would be emulated and slower)."""
+    if device.type == "cpu" and dtype == torch.float32 and cpu_has_native_bf16():
+        return torch.bfloat16
+    return dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 class Codec:
-    """The 12 Hz speech tokenizer. Load with `Codec.load(checkpoint / "speech_tokenizer")`."""
+    """The 12 Hz speech tokenizer. Load with `Codec.load(checkpoint / "speech_tokenizer")`.
+
+    Only the decoder stays in memory: the encoder (used once per reference clip) is read from the
+    file for each `encode` and freed afterwards."""
 
     sample_rate: int
     frame_samples: int
@@ -596,16 +689,18 @@ class Codec:
     # which bounds its memory: ~10 MB of activations per audio second per tensor at full size.
     decode_chunk_frames: int = 150
 
-    def __init__(self, encoder: CodecEncoder, decoder: CodecDecoder, *, sample_rate: int, frame_samples: int,
-                 num_codebooks: int, source: str):
-        self.encoder, self.decoder = encoder, decoder
+    def __init__(self, decoder: CodecDecoder, encoder_config: EncoderConfig, *, sample_rate: int,
+                 frame_samples: int, num_codebooks: int, source: str, device: torch.device, dtype: torch.dtype):
+        self.decoder, self.encoder_config = decoder, encoder_config
         self.sample_rate, self.frame_samples, self.num_codebooks = sample_rate, frame_samples, num_codebooks
         self.codebook_size = decoder.cfg.codebook_size
         self.source = source
+        self.device, self.dtype = device, dtype          # the encoder's (the model's) device and dtype
 
     @classmethod
     def load(cls, folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
-             dtype: torch.dtype = torch.float32) -> "Codec":
+             dtype: torch.dtype = torch.float32, decoder_dtype: Optional[torch.dtype] = None) -> "Codec":
+        """`decoder_dtype`: the decoder's precision (None: `dtype`; see `decoder_dtype_for`)."""
         folder = Path(folder)
         cfg = read_json(folder / "config.json")
         source = str(folder / "model.safetensors")
@@ -621,13 +716,24 @@ class Codec:
             raise CheckpointError(f"{folder / 'config.json'}: input/output sample rates differ ({in_sr}, {out_sr})")
         if hop != dec_cfg.samples_per_frame or num_codebooks != dec_cfg.num_quantizers:
             raise CheckpointError(f"{folder / 'config.json'}: inconsistent frame size or codebook count")
-        tensors = read_safetensors(folder / "model.safetensors", device=device, dtype=dtype)
-        w = Weights(tensors, source)
+        device = torch.device(device)
+        tensors = read_safetensors(folder / "model.safetensors", prefix="decoder.", device=device, dtype=dtype)
         with torch.inference_mode():
-            encoder = CodecEncoder(w.sub("encoder."), enc_cfg, num_codebooks)
-            decoder = CodecDecoder(w.sub("decoder."), dec_cfg)
-        return cls(encoder, decoder, sample_rate=out_sr, frame_samples=hop, num_codebooks=num_codebooks,
-                   source=source)
+            decoder = CodecDecoder(Weights(tensors, source).sub("decoder."), dec_cfg)
+            del tensors
+            if decoder_dtype is not None and decoder_dtype != dtype:
+                _cast(decoder, decoder_dtype)
+                decoder.dtype = decoder_dtype
+        codec = cls(decoder, enc_cfg, sample_rate=out_sr, frame_samples=hop, num_codebooks=num_codebooks,
+                    source=source, device=device, dtype=dtype)
+        return codec
+
+    def load_encoder(self) -> CodecEncoder:
+        """The encoder, read from the checkpoint (it is not kept: one clip per voice needs it)."""
+        tensors = read_safetensors(Path(self.source), prefix="encoder.", device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            return CodecEncoder(Weights(tensors, self.source).sub("encoder."), self.encoder_config,
+                                self.num_codebooks)
 
     # -- encoding --------------------------------------------------------------------------
 
@@ -638,8 +744,8 @@ class Codec:
         if wav.ndim != 1 or wav.size == 0:
             raise ValueError(f"encode expects a non-empty 1-D mono waveform, got shape {wav.shape}")
         x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-        x = x.to(device=self.decoder.device, dtype=self.decoder.dtype)[None, None]   # (1, 1, S)
-        codes = self.encoder(x)                                                      # (T', Q)
+        x = x.to(device=self.device, dtype=self.dtype)[None, None]                   # (1, 1, S)
+        codes = self.load_encoder()(x)                                               # (T', Q)
         frames = -(-wav.shape[0] // self.frame_samples)
         return codes[:frames, :self.num_codebooks].to("cpu", torch.int64)
 
@@ -711,6 +817,31 @@ class StreamingDecoder:
         self.frames_pushed += codes.shape[0]
         return wav.float().cpu().numpy()
 
+    @staticmethod
+    @torch.inference_mode()
+    def push_many(streams: list["StreamingDecoder"], codes: list[CodesLike]) -> list[np.ndarray]:
+        """`push` for several streams in one decoder call per frame count: stream i gets the audio of
+        codes[i], as its own push would give it (to float rounding). This is how a batch of streams
+        shares the codec: one call over B rows costs far less than B calls."""
+        checked = [s.codec.check_codes(c) for s, c in zip(streams, codes)]
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(streams)
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(checked):
+            if c.shape[0]:
+                groups.setdefault(c.shape[0], []).append(i)
+        for rows in groups.values():
+            if len(rows) == 1:
+                out[rows[0]] = streams[rows[0]].push(checked[rows[0]])
+                continue
+            decoder = streams[rows[0]].codec.decoder
+            state = DecoderState.stack([streams[i].state for i in rows])
+            wav = decoder(torch.stack([checked[i] for i in rows]), state).float().cpu().numpy()
+            for j, (i, row_state) in enumerate(zip(rows, state.split(decoder.cfg.sliding_window - 1))):
+                streams[i].state = row_state
+                streams[i].frames_pushed += checked[i].shape[0]
+                out[i] = wav[j]
+        return out
+
     def flush(self) -> np.ndarray:
         """Samples still owed at the end of the utterance: none, as the decoder has no lookahead."""
         return np.zeros(0, dtype=np.float32)
@@ -724,4 +855,4 @@ class StreamingDecoder:
     @property
     def frames_decoded(self) -> int:
         """All frames through the decoder, context included (the next RoPE position)."""
-        return self.state.frames
+        return self.state.frames[0]

@@ -20,9 +20,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from ..audio import check_clip_length, resample, to_mono_f32
 from ..errors import EmptyText, InvalidAudio
 from .checkpoint import Checkpoint, fingerprint, load_talker, parse_device, parse_dtype
-from .codec import Codec
+from .codec import Codec, decoder_dtype_for
 from .generate import FrameGenerator, Row, SpecialIds, TextFeed, build_prompt, generate_frames, tokens_needed
 from .model import Talker
 from .speaker import SpeakerEncoder
@@ -31,8 +32,6 @@ from .weights import SafetensorsFile
 from .types import AudioChunk, check_language, CancelToken, GenerationSettings, SamplingParams, VoiceInfo, VoicePrompt
 
 SAMPLE_RATE = 24000
-MIN_REF_SECONDS = 1.0
-MAX_REF_SECONDS = 60.0
 
 
 def default_weights_cache() -> Path:
@@ -61,32 +60,18 @@ def _ref_chat(text: str) -> str:
 
 
 def prepare_reference(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Any rate, mono or (samples, channels) stereo -> mono float32 at 24 kHz, checked for length."""
-    audio = np.asarray(audio)
-    if audio.size == 0:
+    """Any rate, mono or (samples, channels) stereo -> mono float32 at 24 kHz, held to the one clip
+    policy of makima_tts.audio (to_mono_f32: integers by their full scale; check_clip_length)."""
+    if np.asarray(audio).size == 0:
         raise InvalidAudio("the reference clip is empty")
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1 if audio.shape[1] <= 8 else 0)
-    elif audio.ndim != 1:
-        raise InvalidAudio(f"the reference clip must be mono or (samples, channels), got shape {audio.shape}")
-    if not np.issubdtype(audio.dtype, np.floating):
-        audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
-    audio = audio.astype(np.float32)
+    audio = to_mono_f32(audio)
     if not np.all(np.isfinite(audio)):
         raise InvalidAudio("the reference clip contains NaN or infinite samples")
     if sample_rate <= 0:
         raise InvalidAudio(f"invalid sample rate {sample_rate}")
-    seconds = len(audio) / sample_rate
-    if seconds < MIN_REF_SECONDS:
-        raise InvalidAudio(f"the reference clip is {seconds:.2f} s long; at least {MIN_REF_SECONDS:.0f} s is needed "
-                           "(3-10 s recommended)")
-    if seconds > MAX_REF_SECONDS:
-        raise InvalidAudio(f"the reference clip is {seconds:.1f} s long; at most {MAX_REF_SECONDS:.0f} s "
-                           "(3-10 s recommended)")
+    check_clip_length(len(audio) / sample_rate)
     if sample_rate != SAMPLE_RATE:
-        import soxr
-
-        audio = soxr.resample(audio, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+        audio = resample(audio, sample_rate, SAMPLE_RATE)
     return audio
 
 
@@ -94,25 +79,66 @@ class ChunkCutter:
     """Frames of codes in, AudioChunks out through a streaming codec decoder: the first chunk after
     `first_chunk_frames` frames, then every `chunk_frames`; `finish()` gives the last (is_last), which
     carries the decoder's tail and may hold no new frame. Fills stats: decode_s, ttfa_s, frames, total_s.
-    Used by `decode_chunks` (one utterance, the caller's thread) and by the batched scheduler (every
-    row's frames decoded on the scheduler's thread: one thread does all the compute)."""
+
+    Alone (`decode_chunks`), `push` decodes each chunk's frames in one call. The batched scheduler
+    instead `add`s frames, decodes the codes of every row that is `due` in one shared codec call
+    (`StreamingDecoder.push_many`) and hands each row its samples with `decoded`; the chunks are the
+    same either way."""
 
     def __init__(self, decoder, settings: GenerationSettings, stats: dict, t_start: float):
         self.decoder, self.stats, self.t_start = decoder, stats, t_start
         stats.setdefault("decode_s", 0.0)
-        self.pending: list[torch.Tensor] = []
+        self.codes: list[torch.Tensor] = []       # frames not decoded yet
+        self.pcm: list[np.ndarray] = []           # decoded samples not sent yet
+        self.buffered = 0                         # frames in self.pcm
+        self.taken = 0                            # frames in the codes last taken
         self.index = self.frame_index = 0
         self.want = max(1, settings.first_chunk_frames)
         self.then = max(1, settings.chunk_frames)
 
     def push(self, frame: torch.Tensor) -> Optional[AudioChunk]:
-        self.pending.append(frame)
-        if len(self.pending) < self.want:
+        self.add(frame)
+        if not self.due():
+            return None
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pcm = self.decoder.push(self.take_codes())
+        return self.decoded(pcm, time.perf_counter() - t0)
+
+    def add(self, frame: torch.Tensor) -> None:
+        self.codes.append(frame)
+
+    def due(self, every: Optional[int] = None) -> bool:
+        """Whether to decode now: the current chunk is complete, or (`every`) that many frames wait."""
+        n = len(self.codes)
+        return n > 0 and (n >= self.want - self.buffered or (every is not None and n >= every))
+
+    def take_codes(self) -> torch.Tensor:
+        """The waiting frames (never past the current chunk's end) as (n, 16) codes to decode."""
+        n = min(len(self.codes), self.want - self.buffered)
+        taken, self.codes = self.codes[:n], self.codes[n:]
+        self.taken = n
+        return torch.stack(taken)
+
+    def decoded(self, pcm: np.ndarray, seconds: float) -> Optional[AudioChunk]:
+        """The samples of the codes last taken; the chunk when it is complete."""
+        self.stats["decode_s"] += seconds
+        self.pcm.append(pcm)
+        self.buffered += self.taken
+        if self.buffered < self.want:
             return None
         self.want = self.then
         return self._emit(last=False)
 
     def finish(self) -> AudioChunk:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.codes:
+                codes, self.codes = torch.stack(self.codes), []
+                self.pcm.append(self.decoder.push(codes))
+                self.buffered += codes.shape[0]
+            self.pcm.append(self.decoder.flush())
+        self.stats["decode_s"] += time.perf_counter() - t0
         return self._emit(last=True)
 
     def close(self) -> None:
@@ -120,19 +146,14 @@ class ChunkCutter:
         self.stats["total_s"] = time.perf_counter() - self.t_start
 
     def _emit(self, last: bool) -> AudioChunk:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            pcm = self.decoder.push(torch.stack(self.pending)) if self.pending else np.zeros(0, np.float32)
-            if last:
-                pcm = np.concatenate([pcm, self.decoder.flush()])
-        self.stats["decode_s"] += time.perf_counter() - t0
+        pcm = np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)
         chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=self.index,
-                           frame_index=self.frame_index, num_frames=len(self.pending), is_last=last)
+                           frame_index=self.frame_index, num_frames=self.buffered, is_last=last)
         if self.index == 0:
             self.stats["ttfa_s"] = time.perf_counter() - self.t_start
         self.index += 1
-        self.frame_index += len(self.pending)
-        self.pending = []
+        self.frame_index += self.buffered
+        self.pcm, self.buffered = [], 0
         return chunk
 
 
@@ -179,14 +200,17 @@ class Qwen3Engine:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-             quantize: Optional[str] = "auto", weights_cache: Optional[str | os.PathLike] = "auto") -> "Qwen3Engine":
+             quantize: Optional[str] = "auto", weights_cache: Optional[str | os.PathLike] = "auto",
+             codec_dtype: str = "auto") -> "Qwen3Engine":
         """`quantize`: "auto" (default: "int8" on the CPU, the float `dtype` on CUDA), "none" (weights in
         `dtype`), or int8 weights for the talker's and the code predictor's linear layers (CPU, float32):
         "int8" (blocks of 32, our kernel; activations kept to 16 bits) or "int8-dynamic" (torch's
         dynamic quantization: activations rounded to 8 bits, more error). See engine/quant.py and
         bench/RESULTS.md. `weights_cache`: a folder where "int8" weights are stored once and
         memory-mapped on the next load ("auto": the user cache folder, see `default_weights_cache`;
-        None: quantize at every load)."""
+        None: quantize at every load). `codec_dtype`: the codec decoder's precision: "auto" (with int8
+        weights: bfloat16 on a CPU with native bfloat16, see `codec.decoder_dtype_for`; otherwise `dtype`),
+        or a dtype name."""
         from .quant import QUANTIZE_CHOICES
 
         quantize = (quantize or "auto").lower()
@@ -205,11 +229,16 @@ class Qwen3Engine:
                                              Path(weights_cache) if weights_cache is not None else None)
         speaker = SpeakerEncoder.load(_speaker_tensors(ck), ck.config.get("speaker_encoder_config", {}),
                                       device=dev, dtype=dt)
-        codec = Codec.load(ck.folder / "speech_tokenizer", device=dev, dtype=dt)
+        if codec_dtype == "auto":
+            dec_dt = decoder_dtype_for(dev, dt) if quantize != "none" else dt
+        else:
+            dec_dt = parse_dtype(codec_dtype)
+        codec = Codec.load(ck.folder / "speech_tokenizer", device=dev, dtype=dt, decoder_dtype=dec_dt)
         tokenizer = TextTokenizer(ck.folder)
         engine = cls(ck, talker, speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
         engine.quantize = method
-        engine.load_info = {"quantize": method, "weights": source, "load_s": round(time.perf_counter() - t0, 2)}
+        engine.load_info = {"quantize": method, "weights": source, "codec_dtype": str(dec_dt).removeprefix("torch."),
+                            "load_s": round(time.perf_counter() - t0, 2)}
         return engine
 
     @staticmethod
