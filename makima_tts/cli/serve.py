@@ -18,6 +18,8 @@ _FLAGS = [
     ("--dtype", "dtype", str, "float32, bfloat16 or float16"),
     ("--quantize", "quantize", str, "Qwen3 weights: auto (default: int8 on the CPU, the float dtype on CUDA), "
                                     "none (float32), int8 or int8-dynamic"),
+    ("--codec-dtype", "codec_dtype", str, "the codec decoder: auto (default: bfloat16 with int8 weights on a CPU "
+                                          "with bfloat16 arithmetic, else the float dtype), float32, bfloat16"),
     ("--weights-cache", "weights_cache", str, "folder for quantized weights kept between starts "
                                               "(default ~/.cache/makima-tts/weights)"),
     ("--threads", "threads", int, "CPU threads for the engine"),

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     dtype: str = "float32"
     # Qwen3 weights: auto = int8 (our kernel) on the CPU, the float dtype on CUDA; none = float32
     quantize: Literal["auto", "none", "int8", "int8-dynamic"] = "auto"
+    # the codec decoder: auto = bfloat16 with int8 weights on a CPU with bfloat16 arithmetic, else the float dtype
+    codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     weights_cache: Optional[Path] = None      # where quantized weights are kept between starts (None: user cache)
     threads: Optional[int] = None
     batch: bool = True                        # Qwen3: step concurrent streams together (BatchedEngine); --no-batch
