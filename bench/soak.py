@@ -440,7 +440,7 @@ async def bad_client(url: str, t: Tally, deadline: float, rng: random.Random) ->
                     ("POST", "/v1/audio/speech", {"json": {"input": ""}}),
                     ("POST", "/v1/audio/speech", {"json": {"input": "hi", "voice": "no-such-voice"}}),
                     ("POST", "/v1/audio/speech", {"json": {"input": "hi", "response_format": "wma"}}),
-                    ("GET", "/static/speak.js%00.html", {}), ("GET", "/api/v1/voices/..%2F..%2Fetc", {}),
+                    ("GET", "/static/page.js%00.html", {}), ("GET", "/api/v1/voices/..%2F..%2Fetc", {}),
                     ("POST", "/api/v1/voices", {"files": {"file": ("x.wav", os.urandom(500), "audio/wav")},
                                                 "data": {"voice_id": "junk"}}),
                     ("DELETE", "/api/v1/voices/no-such-voice", {}),

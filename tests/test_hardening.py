@@ -159,9 +159,9 @@ def test_deeply_nested_json_is_an_invalid_message(tmp_path):
 def test_static_path_with_a_nul_byte_is_404(tmp_path):
     app = create_app(Settings(voices_dir=tmp_path), engine=FakeEngine(frame_s=0))
     with TestClient(app) as client:
-        r = client.get("/static/speak.js%00.html")
+        r = client.get("/static/page.js%00.html")
         assert r.status_code == 404 and "Traceback" not in r.text
-        assert client.get("/static/speak.js").status_code == 200
+        assert client.get("/static/page.js").status_code == 200
 
 
 def test_voice_clip_removed_while_downloading_is_404(tmp_path):
@@ -191,12 +191,14 @@ def test_naming_the_default_voice_makes_it(tmp_path, monkeypatch):
     class Cloning(FakeEngine):
         supports_cloning = True
 
+    from makima_tts.voices import ResolvedVoice
+
     ctx = ServerContext(Settings(voices_dir=tmp_path), engine=Cloning())
     made = []
-    monkeypatch.setattr(ctx, "ensure_generated_voice", lambda: made.append(1) or "prompt")
-    assert ctx.resolve_voice("alloy") == ("default", "prompt")
-    assert ctx.resolve_voice("default") == ("default", "prompt")
-    assert ctx.resolve_voice(None, "default") == ("default", "prompt")
+    monkeypatch.setattr(ctx.voices, "ensure_generated_voice", lambda: made.append(1) or "prompt")
+    assert ctx.voices.resolve_voice("alloy") == ResolvedVoice("default", prompt="prompt")
+    assert ctx.voices.resolve_voice("default") == ResolvedVoice("default", prompt="prompt")
+    assert ctx.voices.resolve_voice(None, "default") == ResolvedVoice("default", prompt="prompt")
     assert len(made) == 3
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from makima_tts.engine.types import LANGUAGES
 from makima_tts.testing import REF_TEXT
 from makima_tts.testing.server import ServerProcess
 
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "page-test-key"
+MAX_TEXT = 4321               # not the default: the page must take the limit from the server
+MODULES = ("page.js", "client.js", "player.js", "voices.js", "pcm-worklet.js")
 LONG_TEXT = ("Hello there. This is a rather long piece of text, spoken by the page test so that the "
              "audio keeps playing for a while before somebody presses stop. ") * 3
 
@@ -37,7 +40,7 @@ def _playwright():
 def server(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
     with ServerProcess("--checkpoint", str(tiny_checkpoint), "--voices-dir", str(tmp / "voices"),
-                       "--api-key", API_KEY, log_path=tmp / "server.log") as srv:
+                       "--api-key", API_KEY, "--max-text-chars", str(MAX_TEXT), log_path=tmp / "server.log") as srv:
         srv.wait_ready(timeout=120)
         yield srv
 
@@ -80,12 +83,18 @@ def test_page_and_static_files(server):
 
     r = httpx.get(server.url + "/speak")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-    assert 'id="speak"' in r.text and "static/speak.js" in r.text
-    worklet = httpx.get(server.url + "/static/pcm-worklet.js")
-    assert worklet.status_code == 200 and "javascript" in worklet.headers["content-type"]
-    assert "registerProcessor" in worklet.text
-    for name in ("speak.js", "speak.css"):
-        assert httpx.get(server.url + "/static/" + name).status_code == 200
+    assert 'id="speak"' in r.text and '<script type="module" src="static/page.js">' in r.text
+    for name in MODULES:      # ES modules and the worklet need a JavaScript MIME type
+        js = httpx.get(server.url + "/static/" + name)
+        assert js.status_code == 200 and js.headers["content-type"] == "text/javascript; charset=utf-8", name
+        assert js.headers["x-content-type-options"] == "nosniff" and js.headers["cache-control"] == "no-cache"
+        # revalidated, not refetched (StaticFiles' ETag)
+        assert httpx.get(server.url + "/static/" + name, headers={"if-none-match": js.headers["etag"]}).status_code == 304
+    assert "registerProcessor" in httpx.get(server.url + "/static/pcm-worklet.js").text
+    css = httpx.get(server.url + "/static/speak.css")
+    assert css.status_code == 200 and css.headers["content-type"] == "text/css; charset=utf-8"
+    assert httpx.head(server.url + "/static/page.js").status_code == 200
+    assert httpx.get(server.url + "/static/speak.js").status_code == 404        # the one script it replaced
     assert httpx.get(server.url + "/static/../routes_page.py").status_code == 404
     assert httpx.get(server.url + "/static/%2e%2e/routes_page.py").status_code == 404
     assert httpx.get(server.url + "/static/nope.js").status_code == 404
@@ -100,6 +109,12 @@ def test_speak_page_end_to_end(server, browser, clip_wav):
         page.wait_for_function("window.makima && window.makima.state === 'ready'", timeout=30000)
         assert _m(page, "ready.sample_rate") == 24000
         assert _m(page, "contextRate") == 24000
+        # what the server accepts comes from its `ready`: the languages (in its order) and the text limit
+        for select in ("#language", "#clone-language"):
+            assert page.eval_on_selector_all(select + " option", "os => os.map(o => o.value)") == list(LANGUAGES)
+        assert page.input_value("#language") == "auto"
+        assert page.evaluate("document.getElementById('text').maxLength") == MAX_TEXT
+        assert _m(page, "ready.sample_rates").count(24000) == 1
         page.wait_for_function("document.querySelectorAll('#voice option').length >= 1")
         assert page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")[0] == ""
         assert page.locator("#status").get_attribute("data-state") == "ready"
@@ -236,3 +251,41 @@ def test_keyboard_labels(server, browser):
     finally:
         context.close()
 
+
+
+def test_page_takes_its_languages_from_the_server(server, browser):
+    """A server with another list of languages (its `ready` rewritten on the way) gets that list in
+    both pickers, and its text limit: the page keeps no copy of either."""
+    import json
+
+    def rewrite(message):
+        if isinstance(message, str):
+            msg = json.loads(message)
+            if msg.get("type") == "ready":
+                msg["languages"] = ["auto", "english", "klingon"]
+                msg["max_text_chars"] = 77
+                return json.dumps(msg)
+        return message
+
+    def route(ws):
+        upstream = ws.connect_to_server()
+        upstream.on_message(lambda m: ws.send(rewrite(m)))
+        ws.on_message(upstream.send)
+
+    context = browser.new_context()
+    page = context.new_page()
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.route_web_socket(lambda url: "/api/v1/speak" in url, route)
+    try:
+        page.goto(f"{server.url}/speak?api_key={API_KEY}")
+        page.wait_for_function("window.makima && window.makima.state === 'ready'", timeout=30000)
+        for select in ("#language", "#clone-language"):
+            assert page.eval_on_selector_all(select + " option", "os => os.map(o => o.value)") == \
+                ["auto", "english", "klingon"]
+        assert page.eval_on_selector_all("#language option", "os => os.map(o => o.textContent)") == \
+            ["auto-detect", "English", "Klingon"]
+        assert page.evaluate("document.getElementById('text').maxLength") == 77
+        assert not problems, problems
+    finally:
+        context.close()
