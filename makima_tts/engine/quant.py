@@ -61,9 +61,12 @@ def kernel():
                 if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
                     os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
-                _ext = load(name=f"makima_int8_linear_{KERNEL_VERSION}", sources=[str(_SOURCE)],
-                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                            verbose=False)   # -fopenmp: without it at::parallel_for runs on one thread
+                cflags = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: else at::parallel_for runs on one thread
+                # named by the source and by the torch it builds against: two installs (a venv and a CI
+                # clone's) sharing ~/.cache/torch_extensions must not rebuild each other's copy at every start
+                build = hashlib.sha256(f"{torch.__file__}|{torch.__version__}|{cflags}".encode()).hexdigest()[:8]
+                _ext = load(name=f"makima_int8_linear_{KERNEL_VERSION}_{build}", sources=[str(_SOURCE)],
+                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
                 log.warning("int8 kernel unavailable (%s); using torch dynamic quantization", _ext_error)
