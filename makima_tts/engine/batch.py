@@ -348,7 +348,8 @@ class BatchedEngine:
             return
         t0 = time.perf_counter()
         if self._gen is None:
-            self._gen = self.generator_class(self.engine.talker, self.engine.ids, rows=self.max_batch)
+            # the cache grows with the rows that join (reserve): a lone stream holds one row, not max_batch
+            self._gen = self.generator_class(self.engine.talker, self.engine.ids, rows=len(joiners))
         try:
             self._gen.join(joiners)
         except Exception as exc:
