@@ -8,6 +8,9 @@ All PCM here is float32 mono in [-1, 1] unless said otherwise.
   mp3, opus (Ogg Opus), aac (ADTS), flac, wav and pcm. mp3/opus/aac/flac need PyAV
   (the `av` package, in the `server` extra); wav and pcm need nothing.
 * Decoding: `read_audio(data_or_path)` -> (mono float32, sample_rate).
+* `to_mono_f32(pcm)`: any PCM array to mono float32 (the one normaliser: integers scaled by
+  their type's full scale), and the one policy for reference clips: `check_clip_length`
+  (MIN_CLIP_SECONDS .. MAX_CLIP_SECONDS, RECOMMENDED_CLIP_SECONDS).
 * `time_stretch(pcm, sr, speed)`: tempo change that keeps the pitch (WSOLA, numpy only).
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ from .errors import InvalidAudio, UnsupportedFormat
 
 __all__ = ["resample", "StreamResampler", "to_pcm16", "to_f32le", "wav_bytes", "wav_header",
            "Encoder", "make_encoder", "ENCODER_FORMATS", "CONTENT_TYPES", "read_audio", "time_stretch",
-           "RESAMPLE_STREAM_TOLERANCE"]
+           "RESAMPLE_STREAM_TOLERANCE", "to_mono_f32", "check_clip_length", "MIN_CLIP_SECONDS",
+           "MAX_CLIP_SECONDS", "RECOMMENDED_CLIP_SECONDS"]
 
 # Largest absolute difference between chunked (StreamResampler) and one-shot (resample) output,
 # for any chunking, at the same quality setting. Measured differences are ~1e-7 (float rounding);
@@ -36,23 +40,61 @@ RESAMPLE_STREAM_TOLERANCE = 1e-4
 _RESAMPLE_QUALITY = "HQ"
 
 
-def _as_mono_f32(pcm) -> np.ndarray:
+# One policy for reference clips, wherever one is taken (the voice library, the engine's
+# create_voice_prompt): how long it may be, and what clones best.
+MIN_CLIP_SECONDS = 1.0
+MAX_CLIP_SECONDS = 30.0
+RECOMMENDED_CLIP_SECONDS = (3.0, 10.0)
+
+
+def to_mono_f32(pcm, channel_axis: Optional[int] = None) -> np.ndarray:
+    """Any PCM array -> contiguous mono float32 (the array itself when it already is one).
+
+    Integers are scaled by their type's full scale: int16 / 32768, int32 / 2**31; unsigned types
+    are centred first (uint8: (x - 128) / 128). Floats are taken as they are (no clipping, no
+    check for NaN). 2-D input is mixed down over `channel_axis`; when it is None, (samples,
+    channels) is assumed (soundfile's convention), or (channels, samples) when the first axis is
+    the shorter. Empty input gives an empty array. InvalidAudio for more than 2 dimensions or
+    samples that are not numbers.
+    """
     x = np.asarray(pcm)
+    if x.ndim > 2:
+        raise InvalidAudio(f"expected mono or (samples, channels) audio, got shape {x.shape}")
+    kind = x.dtype.kind
+    if kind in "iu":
+        info = np.iinfo(x.dtype)
+        full = float(1 << (info.bits - 1))          # 32768 for 16 bits
+        x = x.astype(np.float64 if info.bits > 16 else np.float32)
+        x = (x - full) / full if kind == "u" else x / full
+    elif kind != "f":
+        raise InvalidAudio(f"unsupported sample type {x.dtype}")
     if x.ndim == 2:
-        # (samples, channels) is the soundfile convention; (channels, samples) when short first axis
-        x = x.mean(axis=1) if x.shape[0] >= x.shape[1] else x.mean(axis=0)
-    elif x.ndim != 1:
-        raise ValueError(f"expected mono PCM (1-D), got shape {x.shape}")
-    if x.dtype == np.int16:
-        x = x.astype(np.float32) / 32768.0
+        if channel_axis is None:
+            channel_axis = 1 if x.shape[0] >= x.shape[1] else 0
+        x = x.mean(axis=channel_axis)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_clip_length(seconds: float) -> Optional[str]:
+    """InvalidAudio when a reference clip is shorter than MIN_CLIP_SECONDS or longer than
+    MAX_CLIP_SECONDS; a warning when it is outside RECOMMENDED_CLIP_SECONDS; else None."""
+    lo, hi = RECOMMENDED_CLIP_SECONDS
+    if seconds < MIN_CLIP_SECONDS:
+        raise InvalidAudio(f"the clip is too short: {seconds:.2f} s; at least {MIN_CLIP_SECONDS:.0f} s is needed "
+                           f"({lo:.0f}-{hi:.0f} s recommended)")
+    if seconds > MAX_CLIP_SECONDS:
+        raise InvalidAudio(f"the clip is too long: {seconds:.1f} s; at most {MAX_CLIP_SECONDS:.0f} s is accepted "
+                           f"({lo:.0f}-{hi:.0f} s recommended); trim it")
+    if not lo <= seconds <= hi:
+        return f"the clip is {seconds:.1f} s long; {lo:.0f}-{hi:.0f} s clips clone best"
+    return None
 
 
 # --------------------------------------------------------------------------- resampling
 
 def resample(pcm: np.ndarray, from_sr: int, to_sr: int) -> np.ndarray:
     """Resample float32 mono PCM in one go (soxr, high quality)."""
-    x = _as_mono_f32(pcm)
+    x = to_mono_f32(pcm)
     if from_sr == to_sr or len(x) == 0:
         return x.copy()
     import soxr
@@ -83,7 +125,7 @@ class StreamResampler:
     def process(self, chunk: np.ndarray) -> np.ndarray:
         if self._done:
             raise RuntimeError("StreamResampler.process() after flush()")
-        x = _as_mono_f32(chunk)
+        x = to_mono_f32(chunk)
         if self._passthrough:
             return x.copy()
         if len(x) == 0:
@@ -103,13 +145,13 @@ class StreamResampler:
 
 def to_pcm16(pcm: np.ndarray) -> bytes:
     """float32 [-1, 1] -> signed 16-bit little-endian bytes (clipped, rounded)."""
-    x = _as_mono_f32(pcm)
+    x = to_mono_f32(pcm)
     return np.clip(np.round(x * 32767.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def to_f32le(pcm: np.ndarray) -> bytes:
     """float32 -> 32-bit float little-endian bytes, clipped to [-1, 1] (resampling can overshoot)."""
-    return np.clip(_as_mono_f32(pcm), -1.0, 1.0).astype("<f4").tobytes()
+    return np.clip(to_mono_f32(pcm), -1.0, 1.0).astype("<f4").tobytes()
 
 
 _UNKNOWN_SIZE = 0xFFFFFFFF
@@ -279,7 +321,7 @@ class _AVEncoder(Encoder):
     def encode(self, pcm):
         if self._closed:
             raise RuntimeError("encode() after finish()")
-        x = _as_mono_f32(pcm)
+        x = to_mono_f32(pcm)
         if self._resampler is not None:
             x = self._resampler.process(x)
         self._encode_frame(np.clip(x, -1.0, 1.0))
@@ -320,7 +362,7 @@ class G711Encoder(Encoder):
         self._pts = 0
 
     def encode(self, pcm) -> bytes:
-        x = _as_mono_f32(pcm)
+        x = to_mono_f32(pcm)
         if len(x) == 0:
             return b""
         s16 = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
@@ -455,9 +497,7 @@ def _read_with_av(data: bytes, fmt: Optional[str] = None, budget: Optional[Decod
             fmt_ = frame.format
             if not fmt_.is_planar:
                 arr = arr.reshape(-1, channels).T
-            if arr.dtype.kind in "iu":
-                arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
-            parts.append(np.asarray(arr, dtype=np.float32).mean(axis=0))
+            parts.append(to_mono_f32(arr, channel_axis=0))
             sr = frame.sample_rate
             total += parts[-1].shape[-1]
             if total > budget.max_seconds * sr:        # the header lied: stop the decoder now
@@ -479,7 +519,7 @@ def _read_with_soundfile(raw: bytes, budget: DecodeBudget) -> tuple[np.ndarray, 
         sr = f.samplerate
     if len(x) > limit:
         raise _too_much(f"more than {budget.max_seconds:g} s", budget)
-    pcm = x.mean(axis=1).astype(np.float32) if x.shape[1] > 1 else x[:, 0].copy()
+    pcm = to_mono_f32(x, channel_axis=1) if x.shape[1] > 1 else x[:, 0].copy()
     return pcm, int(sr)
 
 
@@ -566,7 +606,7 @@ def time_stretch(pcm: np.ndarray, sr: int, speed: float) -> np.ndarray:
     speed = float(speed)
     if not (MIN_SPEED <= speed <= MAX_SPEED) or not np.isfinite(speed):
         raise ValueError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
-    x = _as_mono_f32(pcm)
+    x = to_mono_f32(pcm)
     n_out = int(round(len(x) / speed))
     if abs(speed - 1.0) < 1e-6 or len(x) == 0:
         return x.copy()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (with test dependencies), lint (ruff), type-check engine/ and server/ (mypy), run the tests.
+# Set up (with test dependencies), lint (ruff), type-check engine/, server/ and voices/ (mypy), run the tests.
 # Arguments go to pytest. CI=1 (as .ci/run sets): a skipped test is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."

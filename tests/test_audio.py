@@ -430,3 +430,55 @@ def test_concurrent_decodes_are_limited(monkeypatch):
         t.join(30)
     finally:
         audio.configure_decoding(audio.DecodeBudget())
+
+
+# --------------------------------------------------------------------------- one normaliser, one clip policy (issue 14)
+
+
+@pytest.mark.parametrize("dtype,full,zero", [(np.int16, 32768, 0), (np.int32, 2 ** 31, 0), (np.uint8, 128, 128),
+                                             (np.int8, 128, 0), (np.uint16, 32768, 32768)])
+def test_to_mono_f32_scales_integers_by_their_full_scale(dtype, full, zero):
+    from makima_tts.audio import to_mono_f32
+
+    info = np.iinfo(dtype)
+    x = np.array([info.min, zero, info.max], dtype=dtype)
+    y = to_mono_f32(x)
+    assert y.dtype == np.float32
+    assert y[0] == -1.0 and y[1] == 0.0 and y[2] == pytest.approx((full - 1) / full, abs=1e-6)
+
+
+def test_to_mono_f32_mixes_channels_and_refuses_what_is_not_audio():
+    from makima_tts.audio import to_mono_f32
+
+    left, right = np.full(1000, 0.5, np.float32), np.full(1000, -0.25, np.float32)
+    assert np.allclose(to_mono_f32(np.stack([left, right], axis=1)), 0.125)        # (samples, channels)
+    assert np.allclose(to_mono_f32(np.stack([left, right], axis=0)), 0.125)        # (channels, samples)
+    short = np.array([[0.5, -0.5]], np.float32)                                    # 1 frame of 2 channels
+    assert to_mono_f32(short, channel_axis=1).tolist() == [0.0]
+    ints = np.stack([np.full(10, 16384, np.int16), np.zeros(10, np.int16)], axis=1)
+    assert np.allclose(to_mono_f32(ints), 0.25)
+    assert len(to_mono_f32(np.zeros(0, np.float32))) == 0
+    x = np.zeros(10, np.float32)
+    assert to_mono_f32(x) is x                                                      # no copy when already mono f32
+    for bad in (np.zeros((2, 2, 2), np.float32), np.array([True, False]), np.array(["a"])):
+        with pytest.raises(InvalidAudio):
+            to_mono_f32(bad)
+
+
+@pytest.mark.parametrize("seconds,ok", [(0.9, False), (1.0, True), (30.0, True), (30.5, False)])
+def test_one_clip_length_policy_for_the_library_and_the_engine(tmp_path, seconds, ok):
+    """The library (an upload) and the engine (create_voice_prompt) take the same clips: 1-30 s."""
+    from makima_tts.audio import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS
+    from makima_tts.engine.qwen3 import prepare_reference
+    from makima_tts.voices.clips import check_clip
+
+    assert (MIN_CLIP_SECONDS, MAX_CLIP_SECONDS) == (1.0, 30.0)
+    clip = (tone(220.0, seconds, sr=24000, amp=0.3) * 32767).astype(np.int16)
+    if ok:
+        a, _ = check_clip(clip, 24000)
+        b = prepare_reference(clip, 24000)
+        assert np.array_equal(a, np.clip(b, -1, 1)) and a.dtype == b.dtype == np.float32
+    else:
+        for take in (check_clip, prepare_reference):
+            with pytest.raises(InvalidAudio, match="too (short|long)"):
+                take(clip, 24000)

@@ -25,7 +25,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from makima_tts.errors import InvalidAudio  # noqa: E402
 from makima_tts.server.app import create_app  # noqa: E402
-from makima_tts.server.context import SEED_VOICE  # noqa: E402
+from makima_tts.voices import SEED_VOICE  # noqa: E402
 from makima_tts.server.settings import Settings  # noqa: E402
 from tests.fakeserver import FakeEngine  # noqa: E402
 

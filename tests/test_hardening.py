@@ -191,12 +191,14 @@ def test_naming_the_default_voice_makes_it(tmp_path, monkeypatch):
     class Cloning(FakeEngine):
         supports_cloning = True
 
+    from makima_tts.voices import ResolvedVoice
+
     ctx = ServerContext(Settings(voices_dir=tmp_path), engine=Cloning())
     made = []
-    monkeypatch.setattr(ctx, "ensure_generated_voice", lambda: made.append(1) or "prompt")
-    assert ctx.resolve_voice("alloy") == ("default", "prompt")
-    assert ctx.resolve_voice("default") == ("default", "prompt")
-    assert ctx.resolve_voice(None, "default") == ("default", "prompt")
+    monkeypatch.setattr(ctx.voices, "ensure_generated_voice", lambda: made.append(1) or "prompt")
+    assert ctx.voices.resolve_voice("alloy") == ResolvedVoice("default", prompt="prompt")
+    assert ctx.voices.resolve_voice("default") == ResolvedVoice("default", prompt="prompt")
+    assert ctx.voices.resolve_voice(None, "default") == ResolvedVoice("default", prompt="prompt")
     assert len(made) == 3
 
 

@@ -591,21 +591,23 @@ def test_failed_computation_is_not_cached(lib, engine):
 # --------------------------------------------------------------------------- REST router
 
 
-def _app(root: Path, engine=None, prompts=True, max_upload_bytes=2_000_000, api_keys=()):
+def _app(root: Path, engine=None, max_upload_bytes=2_000_000, api_keys=()):
     from fastapi import FastAPI
 
     from makima_tts.errors import MakimaError
     from makima_tts.server.errors import makima_error_handler
     from makima_tts.server.routes_voices import router
     from makima_tts.server.settings import Settings
+    from makima_tts.voices import VoiceService
 
     lib = VoiceLibrary(root)
     settings = Settings(voices_dir=root, max_upload_bytes=max_upload_bytes, api_keys=list(api_keys))
-    cache = PromptCache(lib, engine) if (engine is not None and prompts and engine.supports_cloning) else None
+    voices = VoiceService(lib, default_voice="makima")
+    if engine is not None:
+        voices.attach(engine)
     from makima_tts.server.metrics import Metrics
 
-    ctx = SimpleNamespace(settings=settings, library=lib, prompts=cache, engine=engine, metrics=Metrics(),
-                          default_voice_info=lambda: {"voice_id": "makima", "reason": "test"})
+    ctx = SimpleNamespace(settings=settings, library=lib, voices=voices, engine=engine, metrics=Metrics())
     app = FastAPI()
     app.add_exception_handler(MakimaError, makima_error_handler)
     app.include_router(router)
@@ -628,7 +630,7 @@ def test_rest_voice_lifecycle(tmp_path, engine):
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["voice_id"] == "my-voice" and body["name"] == "My Voice!" and body["has_audio"]
-    assert ctx.prompts.computations == 1                        # computed at upload
+    assert ctx.voices.prompts.computations == 1                 # computed at upload
     r = client.post("/api/v1/voices", files={"file": ("me.wav", data, "audio/wav")},
                     data={"voice_id": "my-voice", "transcript": TEXT})
     assert r.status_code == 409 and r.json()["error"]["code"] == "VOICE_EXISTS"
@@ -652,7 +654,7 @@ def test_rest_voice_lifecycle(tmp_path, engine):
 
     r = client.patch("/api/v1/voices/my-voice", json={"transcript": "New words.", "name": "Renamed"})
     assert r.status_code == 200 and r.json()["name"] == "Renamed"
-    assert ctx.prompts.computations == 2 and ctx.prompts.get("my-voice").ref_text == "New words."
+    assert ctx.voices.prompts.computations == 2 and ctx.voices.prompts.get("my-voice").ref_text == "New words."
     assert client.patch("/api/v1/voices/my-voice", json={"bogus": 1}).status_code in (400, 422)
 
     r = client.delete("/api/v1/voices/my-voice")

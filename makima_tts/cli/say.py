@@ -113,16 +113,13 @@ def run_server(args: argparse.Namespace, text: str) -> int:
         import numpy as np
         import soundfile as sf
 
-        tmp = args.output + ".partial"
-        try:
+        from ..fileio import atomic_path
+
+        with atomic_path(args.output) as tmp:        # a failure leaves no file, not half of one
             with sf.SoundFile(tmp, "w", samplerate=args.sample_rate, channels=1, subtype="PCM_16",
                               format="WAV") as out:
                 for chunk in utterance:
                     out.write(np.frombuffer(chunk, "<i2"))
-            os.replace(tmp, args.output)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         end = utterance.end or {}
     print(f"wrote {args.output}: {end.get('audio_ms', 0) / 1000:.2f} s of audio from {args.server} "
           f"(first audio after {(end.get('ttfa_ms') or 0) / 1000:.2f} s)", file=sys.stderr)

@@ -5,7 +5,6 @@ about sockets, and nothing here holds model weights.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, Union
 
@@ -151,11 +150,12 @@ class VoicePrompt:
         return not self.x_vector_only
 
     def save(self, path) -> None:
-        """Write as safetensors (atomically: temp file, fsync, rename)."""
+        """Write as safetensors (atomically: makima_tts.fileio)."""
         import json
-        import os
 
         from safetensors.torch import save
+
+        from ..fileio import atomic_write
 
         tensors = {"speaker_embedding": self.speaker_embedding.detach().float().cpu().contiguous()}
         if self.ref_codes is not None:
@@ -163,14 +163,7 @@ class VoicePrompt:
         metadata = {"format": "makima-voice-prompt/1", "x_vector_only": json.dumps(self.x_vector_only),
                     "ref_text": json.dumps(self.ref_text), "fingerprint": self.fingerprint,
                     "meta": json.dumps(self.meta)}
-        data = save(tensors, metadata=metadata)
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, save(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path) -> "VoicePrompt":

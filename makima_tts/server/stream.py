@@ -74,9 +74,9 @@ class Synthesis:
         ctx = self.ctx
         engine = await ctx.get_engine(wait=True)
         loop = asyncio.get_running_loop()
-        voice_id, voice_obj = await loop.run_in_executor(ctx.executor, ctx.resolve_voice, self.voice,
-                                                         self.session_voice)
-        self.stats.voice = voice_id
+        resolved = await loop.run_in_executor(ctx.executor, ctx.resolve_voice, self.voice, self.session_voice)
+        self.stats.voice = resolved.voice_id
+        voice_obj = resolved.engine_voice       # a VoicePrompt (cloning engine) or a built-in speaker id
         if not isinstance(self.text, str) and hasattr(engine, "tokens_needed"):
             self.stats.tokens_needed = engine.tokens_needed(voice_obj)
         settings: Optional[GenerationSettings] = ctx.generation_settings(self.sampling)

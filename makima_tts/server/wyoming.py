@@ -33,7 +33,7 @@ from .. import __version__
 from ..audio import to_pcm16
 from ..engine.types import LANGUAGES, check_language
 from ..errors import InvalidInput, MakimaError, SessionTimeout, SynthesisError, UnknownLanguage
-from .context import GENERATED_VOICE
+from ..voices import GENERATED_VOICE
 from .errors import public_message
 from .textstream import StreamedUtterance
 

@@ -1,12 +1,12 @@
-"""The voice library: cloned voices on disk, and their computed prompts in memory.
+"""The voice library on disk: one folder per voice, written so that a crash never leaves half a voice.
 
 Layout of the voices folder (one folder per voice)::
 
     VOICES_DIR/
       my-voice/
-        manifest.json                    what the voice is (see VoiceRecord); names the clip
+        manifest.json                    what the voice is (see records.VoiceRecord); names the clip
         reference-<hash12>.flac          the reference clip, mono 24 kHz FLAC
-        prompt-<fingerprint>.safetensors the computed VoicePrompt for one checkpoint
+        prompt-<fingerprint>.safetensors the computed VoicePrompt for one checkpoint (prompts.PromptCache)
       .tmp-*/ .trash-*/                  work in progress / being deleted (never listed)
       .write.lock                        serialises writers across processes (flock)
 
@@ -15,7 +15,7 @@ Crash safety (a kill at any moment leaves the old voice or the new one):
 * a new voice is built in a `.tmp-*` folder (files fsynced) and renamed into place in one
   step; a rename onto an existing voice folder fails, so two creators cannot both win;
 * replacing or editing a voice writes the new clip under a new name first, then swaps
-  `manifest.json` with an atomic `os.replace`; the old clip is deleted only afterwards;
+  `manifest.json` atomically (makima_tts.fileio); the old clip is deleted only afterwards;
 * deleting renames the folder to `.trash-*` first, then removes it.
 
 Leftovers of interrupted writes are removed when a library is opened. Folders that are
@@ -26,15 +26,10 @@ The seed voice `makima` is read from package data (`makima_tts/data/voices/makim
 manifest.json`), not copied: until `makima-tts voices add makima clip.wav --transcript ...`
 stores a clip, it is listed with `has_audio: false` and using it raises VoiceNotFound with
 that hint.
-
-Prompts: `PromptCache` keeps VoicePrompts in an LRU with a TTL, computes each one once
-(single-flight across threads), and persists it beside the voice keyed by the checkpoint's
-fingerprint, so another process or a restart loads it instead of recomputing.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -43,163 +38,25 @@ import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass
 from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from .engine.types import check_language
-from .errors import InvalidAudio, InvalidInput, InvalidVoiceId, VoiceExists, VoiceNotFound
+from ..engine.types import check_language
+from ..errors import InvalidAudio, InvalidInput, InvalidVoiceId, VoiceExists, VoiceNotFound
+from ..fileio import TMP_MARK, atomic_write, fsync_dir, write_synced
+from .clips import check_clip, check_declared_length, encode_flac, to_pcm16_array
+from .records import MANIFEST, MAX_NAME_CHARS, MAX_TRANSCRIPT_CHARS, SAMPLE_RATE, VoiceRecord, validate_id
 
 log = logging.getLogger("makima_tts.voices")
 
-__all__ = ["VoiceRecord", "VoiceLibrary", "PromptCache", "validate_id", "slugify", "SAMPLE_RATE",
-           "MIN_SECONDS", "MAX_SECONDS", "RECOMMENDED_SECONDS"]
+__all__ = ["VoiceLibrary"]
 
-SAMPLE_RATE = 24000
-MIN_SECONDS = 1.0
-MAX_SECONDS = 30.0
-RECOMMENDED_SECONDS = (3.0, 10.0)
-CLIP_LEVEL = 0.999          # a sample at or above this magnitude counts as clipped
-MAX_CLIPPED_FRACTION = 0.01
-SILENCE_RMS = 1e-3          # -60 dBFS
-MAX_NAME_CHARS = 200
-MAX_TRANSCRIPT_CHARS = 2000
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "makima-voice/1"
 STALE_TMP_S = 3600.0
 
-_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}", re.ASCII)
 _FINGERPRINT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
-_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
-
-
-def validate_id(voice_id) -> str:
-    """The id itself when it is a safe voice id; InvalidVoiceId otherwise.
-
-    Lowercase ASCII letters, digits, `_` and `-`, starting with a letter or digit, at most 64
-    characters. Unicode look-alikes (fullwidth letters, direction overrides) are refused, not
-    normalised, so what is stored is exactly what was asked for.
-    """
-    if not isinstance(voice_id, str):
-        raise InvalidVoiceId(f"a voice id must be a string, got {type(voice_id).__name__}")
-    if not _ID_RE.fullmatch(voice_id) or voice_id in _RESERVED:
-        shown = voice_id if len(voice_id) <= 80 else voice_id[:77] + "..."
-        raise InvalidVoiceId(f"invalid voice id {shown!r}: use 1-64 characters of a-z, 0-9, '_' and '-', "
-                             "starting with a letter or a digit")
-    return voice_id
-
-
-def slugify(text: str) -> str:
-    """A voice id made from a display name ("Makima (calm)" -> "makima-calm"); may be ''."""
-    import unicodedata
-
-    ascii_text = unicodedata.normalize("NFKD", text or "").encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text.lower()).strip("-_")
-    return slug[:64].rstrip("-_")
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass
-class VoiceRecord:
-    """One voice, as its manifest describes it."""
-
-    voice_id: str
-    name: str
-    language: str = "auto"
-    transcript: Optional[str] = None
-    x_vector_only: bool = False
-    duration_s: Optional[float] = None
-    sample_rate: Optional[int] = None
-    created: Optional[int] = None        # unix seconds
-    updated: Optional[int] = None
-    hash: Optional[str] = None           # "sha256:..." of the clip's 16-bit PCM
-    builtin: bool = False
-    generated: bool = False
-    license: Optional[str] = None
-    has_audio: bool = True
-    audio_file: Optional[str] = None     # the clip's file name inside the voice folder
-    source_name: Optional[str] = None    # the uploaded file's name
-    seed: bool = False                   # shipped with the package (makima)
-    description: str = ""
-    warning: Optional[str] = None        # set on the result of add() only; not stored
-
-    def to_json(self) -> dict:
-        out = {"voice_id": self.voice_id, "name": self.name, "language": self.language,
-               "transcript": self.transcript, "x_vector_only": self.x_vector_only, "duration_s": self.duration_s,
-               "sample_rate": self.sample_rate, "created": self.created, "hash": self.hash,
-               "builtin": self.builtin, "generated": self.generated, "license": self.license,
-               "has_audio": self.has_audio}
-        if self.seed:
-            out["seed"] = True
-        if self.description:
-            out["description"] = self.description
-        if self.warning:
-            out["warning"] = self.warning
-        return out
-
-    def manifest(self) -> dict:
-        d = asdict(self)
-        for transient in ("warning", "builtin", "has_audio"):
-            d.pop(transient)
-        return {"format": MANIFEST_FORMAT, **d}
-
-    @classmethod
-    def from_manifest(cls, data: dict) -> "VoiceRecord":
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"not a {MANIFEST_FORMAT} manifest")
-        known = {f for f in cls.__dataclass_fields__ if f not in ("warning", "builtin", "has_audio")}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if not isinstance(kwargs.get("voice_id"), str):
-            raise ValueError("manifest has no voice_id")
-        kwargs.setdefault("name", kwargs["voice_id"])
-        return cls(**kwargs)
-
-    @property
-    def prompt_key(self) -> str:
-        """Changes whenever what the prompt is computed from changes (clip, transcript, mode)."""
-        h = hashlib.sha256(json.dumps([self.hash, self.transcript, bool(self.x_vector_only)]).encode())
-        return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    _write_file(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _manifest_bytes(record: VoiceRecord) -> bytes:
-    return (json.dumps(record.manifest(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class _WriteLock:
@@ -236,85 +93,6 @@ class _WriteLock:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
         self._thread_lock.release()
-
-
-# --------------------------------------------------------------------------- audio checks
-
-
-def _mono_f32(audio) -> np.ndarray:
-    x = np.asarray(audio)
-    if x.size == 0:
-        raise InvalidAudio("the clip is empty (no samples)")
-    if x.ndim == 2:
-        x = x.mean(axis=1) if x.shape[1] <= x.shape[0] else x.mean(axis=0)
-    elif x.ndim != 1:
-        raise InvalidAudio(f"expected mono or (samples, channels) audio, got shape {x.shape}")
-    if x.dtype.kind in "iu":
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
-    elif x.dtype.kind != "f":
-        raise InvalidAudio(f"unsupported sample type {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise InvalidAudio("the clip contains NaN or infinite samples")
-    return x
-
-
-def check_clip(audio, sample_rate: int) -> tuple[np.ndarray, Optional[str]]:
-    """(mono float32 at 24 kHz, a warning or None); InvalidAudio when the clip is unusable."""
-    try:
-        sample_rate = int(sample_rate)
-    except (TypeError, ValueError):
-        raise InvalidAudio(f"invalid sample rate {sample_rate!r}") from None
-    if sample_rate < 8000 or sample_rate > 384000:
-        raise InvalidAudio(f"invalid sample rate {sample_rate} Hz")
-    x = _mono_f32(audio)
-    seconds = len(x) / sample_rate
-    if seconds < MIN_SECONDS:
-        raise InvalidAudio(f"the clip is too short: {seconds:.2f} s; at least {MIN_SECONDS:.0f} s is needed "
-                           f"({RECOMMENDED_SECONDS[0]:.0f}-{RECOMMENDED_SECONDS[1]:.0f} s recommended)")
-    if seconds > MAX_SECONDS:
-        raise InvalidAudio(f"the clip is too long: {seconds:.1f} s; at most {MAX_SECONDS:.0f} s is accepted "
-                           f"({RECOMMENDED_SECONDS[0]:.0f}-{RECOMMENDED_SECONDS[1]:.0f} s recommended); trim it")
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    if rms < SILENCE_RMS:
-        raise InvalidAudio(f"the clip is silent (RMS level {20 * np.log10(max(rms, 1e-12)):.0f} dBFS); "
-                           "record the voice louder")
-    clipped = float(np.mean(np.abs(x) >= CLIP_LEVEL))
-    if clipped > MAX_CLIPPED_FRACTION:
-        raise InvalidAudio(f"the clip is clipped: {clipped * 100:.1f}% of its samples are at full scale; "
-                           "record it at a lower level")
-    warning = None
-    lo, hi = RECOMMENDED_SECONDS
-    if not lo <= seconds <= hi:
-        warning = f"the clip is {seconds:.1f} s long; {lo:.0f}-{hi:.0f} s clips clone best"
-    if sample_rate != SAMPLE_RATE:
-        from .audio import resample
-
-        x = resample(x, sample_rate, SAMPLE_RATE)
-    return np.clip(x, -1.0, 1.0).astype(np.float32), warning
-
-
-def _check_declared_length(data: bytes) -> None:
-    """Refuse, before decoding, a file whose header says it is far longer than a clip may be
-    (a small compressed file can expand to hours of samples)."""
-    try:
-        import soundfile as sf
-
-        info = sf.info(io.BytesIO(data))
-        seconds = info.frames / info.samplerate if info.samplerate > 0 else 0.0
-    except Exception:
-        return  # not readable by libsndfile: read_audio decides
-    if seconds > 4 * MAX_SECONDS:
-        raise InvalidAudio(f"the clip is too long: {seconds:.0f} s; at most {MAX_SECONDS:.0f} s is accepted "
-                           f"({RECOMMENDED_SECONDS[0]:.0f}-{RECOMMENDED_SECONDS[1]:.0f} s recommended); trim it")
-
-
-def _encode_flac(pcm16: np.ndarray) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, pcm16, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- seeds
@@ -472,8 +250,9 @@ class VoiceLibrary:
             if record is not None:
                 records[name] = record
         for vid in self._seeds:
-            if vid not in records and vid not in broken:
-                records[vid] = self._seed_record(vid)
+            seed = self._seed_record(vid)
+            if seed is not None and vid not in records and vid not in broken:
+                records[vid] = seed
             elif vid in records:
                 records[vid].seed = True
         self.broken = {}
@@ -485,7 +264,7 @@ class VoiceLibrary:
         record = self.get(voice_id)
         if not record.has_audio:
             raise VoiceNotFound(self._missing_clip_message(record))
-        return self.root / record.voice_id / record.audio_file
+        return self.root / record.voice_id / str(record.audio_file)
 
     def load_audio(self, voice_id) -> tuple[np.ndarray, int]:
         import soundfile as sf
@@ -513,13 +292,13 @@ class VoiceLibrary:
 
     def add_file(self, voice_id, data: bytes, *, source_name: Optional[str] = None, **kw) -> VoiceRecord:
         """Decode an uploaded file (wav, flac, mp3, ogg/opus, m4a) and add it."""
-        from .audio import read_audio
+        from ..audio import read_audio
 
         validate_id(voice_id)
         if not data:
             raise InvalidAudio("the uploaded file is empty (0 bytes)")
         data = bytes(data)
-        _check_declared_length(data)
+        check_declared_length(data)
         pcm, sr = read_audio(data)
         return self.add(voice_id, pcm, sr, source_name=source_name, **kw)
 
@@ -539,9 +318,9 @@ class VoiceLibrary:
         if source_name is not None:
             source_name = os.path.basename(str(source_name))[:200] or None
         pcm, warning = check_clip(audio, sample_rate)
-        pcm16 = np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
+        pcm16 = to_pcm16_array(pcm)
         digest = hashlib.sha256(pcm16.tobytes()).hexdigest()
-        flac = _encode_flac(pcm16)
+        flac = encode_flac(pcm16)
         now = int(time.time())
         record = VoiceRecord(voice_id=voice_id, name=name, language=language, transcript=transcript,
                              x_vector_only=bool(x_vector_only), duration_s=round(len(pcm16) / SAMPLE_RATE, 3),
@@ -566,14 +345,14 @@ class VoiceLibrary:
         tmp = self.root / f".tmp-{record.voice_id}-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            _write_file(tmp / record.audio_file, flac)
-            _write_file(tmp / MANIFEST, _manifest_bytes(record))
-            _fsync_dir(tmp)
+            write_synced(tmp / str(record.audio_file), flac)
+            write_synced(tmp / MANIFEST, record.manifest_bytes())
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, folder)   # fails if the folder appeared meanwhile (not empty)
             except OSError as e:
                 raise VoiceExists(f"voice {record.voice_id!r} exists already (another upload won)") from e
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -587,12 +366,10 @@ class VoiceLibrary:
             old = None
         if old is not None:
             record.created = old.created or record.created
-        audio = folder / record.audio_file
+        audio = folder / str(record.audio_file)
         if not audio.exists():
-            tmp_audio = folder / f".{record.audio_file}.tmp-{uuid.uuid4().hex[:8]}"
-            _write_file(tmp_audio, flac)
-            os.replace(tmp_audio, audio)
-        _atomic_write(folder / MANIFEST, _manifest_bytes(record))
+            atomic_write(audio, flac)
+        atomic_write(folder / MANIFEST, record.manifest_bytes())
         self._clean_folder(folder, record.audio_file, prompts=True)
 
     def update(self, voice_id, *, name: Optional[str] = None, transcript: Optional[str] = None) -> VoiceRecord:
@@ -608,7 +385,7 @@ class VoiceLibrary:
             if transcript is not None:
                 new = _clean_text(transcript, "transcript", MAX_TRANSCRIPT_CHARS)
                 if new is None and not record.x_vector_only:
-                    from .errors import EmptyText
+                    from ..errors import EmptyText
 
                     raise EmptyText(f"voice {voice_id!r} clones from its clip and transcript: the transcript "
                                     "cannot be emptied")
@@ -617,7 +394,7 @@ class VoiceLibrary:
             record.updated = int(time.time())
             record.seed = voice_id in self._seeds
             folder = self.root / voice_id
-            _atomic_write(folder / MANIFEST, _manifest_bytes(record))
+            atomic_write(folder / MANIFEST, record.manifest_bytes())
             if changed_transcript:
                 for p in folder.glob("prompt-*.safetensors"):
                     _unlink(p)
@@ -634,7 +411,7 @@ class VoiceLibrary:
                 raise VoiceNotFound(f"voice {voice_id!r} not found")
             trash = self.root / f".trash-{voice_id}-{uuid.uuid4().hex[:12]}"
             os.rename(folder, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
         self._forget(voice_id)
         self.broken.pop(voice_id, None)
@@ -656,13 +433,13 @@ class VoiceLibrary:
             n = p.name
             if n.startswith("reference-") and n.endswith(".flac") and n != keep_audio:
                 _unlink(p)
-            elif n.startswith(".reference-") or n.startswith(MANIFEST + ".tmp-"):
-                _unlink(p)
+            elif n.startswith((".reference-", "reference-", MANIFEST)) and TMP_MARK in n:
+                _unlink(p)       # an interrupted clip or manifest write (written under the lock)
             elif n.startswith("prompt-"):
                 if prompts and n.endswith(".safetensors"):
                     _unlink(p)
-                elif ".tmp-" in n and _age(p, now) > STALE_TMP_S:
-                    _unlink(p)
+                elif TMP_MARK in n and _age(p, now) > STALE_TMP_S:
+                    _unlink(p)   # prompts are saved outside the lock: only an old one is abandoned
 
     def _cleanup(self) -> None:
         """Finish what interrupted writers left: temp and trash folders, orphan clips."""
@@ -712,132 +489,3 @@ def _clean_text(value, what: str, limit: int) -> Optional[str]:
     if any(ord(c) < 32 and c not in "\n\t" for c in value):
         raise InvalidInput(f"{what} contains control characters")
     return value or None
-
-
-# --------------------------------------------------------------------------- prompt cache
-
-
-@dataclass
-class _Entry:
-    key: str
-    prompt: object
-    expires: float
-
-
-class PromptCache:
-    """VoicePrompts by voice id: memory (LRU + TTL) -> disk (this checkpoint's file) -> compute.
-
-    Shared by all sessions; thread-safe. Concurrent first requests for one voice compute it
-    once (the others wait for that result). `computations` counts prompts computed by the
-    engine (not loaded); `on_compute(voice_id, seconds)` is called after each.
-    """
-
-    def __init__(self, library: VoiceLibrary, engine, max_items: int = 64, ttl_s: float = 3600.0,
-                 on_compute: Optional[Callable[..., None]] = None, clock: Callable[[], float] = time.monotonic):
-        self.library = library
-        self.engine = engine
-        self.max_items = max(1, int(max_items))
-        self.ttl_s = float(ttl_s)
-        self.on_compute = on_compute
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._entries: "OrderedDict[str, _Entry]" = OrderedDict()
-        self._inflight: dict[tuple[str, str], Future] = {}
-        self.computations = 0
-        self.disk_loads = 0
-        self.hits = 0
-
-    @property
-    def fingerprint(self) -> str:
-        return str(getattr(self.engine, "fingerprint", "") or "")
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def invalidate(self, voice_id: Optional[str] = None) -> None:
-        """Forget one voice's prompt (or all with None); the next get() reloads or recomputes."""
-        with self._lock:
-            if voice_id is None:
-                self._entries.clear()
-            else:
-                self._entries.pop(voice_id, None)
-
-    def get(self, voice_id):
-        record = self.library.get(voice_id)
-        if not record.has_audio:
-            raise VoiceNotFound(self.library._missing_clip_message(record))
-        key = record.prompt_key
-        now = self._clock()
-        with self._lock:
-            entry = self._entries.get(record.voice_id)
-            if entry is not None and entry.key == key and now < entry.expires:
-                self._entries.move_to_end(record.voice_id)
-                self.hits += 1
-                return entry.prompt
-            fut = self._inflight.get((record.voice_id, key))
-            owner = fut is None
-            if owner:
-                fut = Future()
-                self._inflight[(record.voice_id, key)] = fut
-        if not owner:
-            return fut.result()
-        try:
-            prompt = self._load_or_compute(record, key)
-            prepare = getattr(self.engine, "prepare_voice", None)
-            if prepare is not None:          # per-voice work done now, not on the voice's first utterance
-                prompt = prepare(prompt)
-        except BaseException as e:
-            with self._lock:
-                self._inflight.pop((record.voice_id, key), None)
-            fut.set_exception(e)
-            raise
-        with self._lock:
-            self._inflight.pop((record.voice_id, key), None)
-            self._entries[record.voice_id] = _Entry(key, prompt, self._clock() + self.ttl_s)
-            self._entries.move_to_end(record.voice_id)
-            while len(self._entries) > self.max_items:
-                self._entries.popitem(last=False)
-        fut.set_result(prompt)
-        return prompt
-
-    def _load_or_compute(self, record: VoiceRecord, key: str):
-        from .engine.types import VoicePrompt
-
-        fp = self.fingerprint
-        path = None
-        try:
-            path = self.library.prompt_path(record.voice_id, fp) if fp else None
-        except ValueError:
-            path = None
-        if path is not None and path.is_file():
-            try:
-                prompt = VoicePrompt.load(path)
-                if prompt.fingerprint == fp and prompt.meta.get("voice_key") == key:
-                    with self._lock:
-                        self.disk_loads += 1
-                    return prompt
-            except Exception as e:
-                log.warning("voice %s: ignoring unreadable prompt file %s: %s", record.voice_id, path, e)
-        audio, sr = self.library.load_audio(record.voice_id)
-        t0 = time.perf_counter()
-        prompt = self.engine.create_voice_prompt(audio, sr, record.transcript, record.x_vector_only)
-        seconds = time.perf_counter() - t0
-        with self._lock:
-            self.computations += 1
-        try:
-            prompt.meta = {**(prompt.meta or {}), "voice_id": record.voice_id, "voice_key": key}
-        except Exception:  # a prompt type without meta: nothing to persist under a key
-            path = None
-        if path is not None and hasattr(prompt, "save"):
-            try:
-                if path.parent.is_dir():
-                    prompt.save(path)
-            except Exception as e:
-                log.warning("voice %s: could not save the prompt to %s: %s", record.voice_id, path, e)
-        if self.on_compute is not None:
-            try:
-                self.on_compute(record.voice_id, seconds)
-            except Exception:  # metrics must not break synthesis
-                log.exception("on_compute callback failed")
-        return prompt
