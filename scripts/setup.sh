@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up makima-tts in ./.venv.
 #   scripts/setup.sh          the server and CLI (with the embedded Piper engine)
-#   scripts/setup.sh --dev    also what the tests need (the reference package qwen-tts, clients, a browser)
+#   scripts/setup.sh --dev    also what the tests need (the reference package qwen-tts, clients, a browser, Ray)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
@@ -13,7 +13,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install "torch==2.13.0"
 $PIP install -e ".[server,piper,client]"
 if [ "$DEV" = 1 ]; then
-  $PIP install -e ".[server,piper,client,test]"
+  $PIP install -e ".[server,piper,client,ray,test]"
   # The reference package, for parity tests and test checkpoints only: without its heavy
   # extras (gradio), and with torchaudio's CUDA-built extension removed (it cannot load on
   # a CPU machine, and qwen_tts only needs torchaudio's pure-Python import).

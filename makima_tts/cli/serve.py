@@ -69,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="an Origin allowed besides the same origin and localhost (repeatable; '*' for any; env "
                         "MAKIMA_TTS_ALLOWED_ORIGINS as a JSON list)")
+    from ..ray_serve.cli import add_arguments as add_ray_arguments     # --ray (imports no ray)
+
+    add_ray_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -105,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         err = e.errors()[0]
         print(f"error [INVALID_SETTING]: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
+    if getattr(args, "ray", False):      # the engine on Ray Serve replicas (makima_tts/ray_serve)
+        from ..ray_serve.cli import run as run_ray
+
+        return run_ray(args, settings)
     from ..server.serve import make_server
 
     level = settings.log_level.upper()

@@ -19,7 +19,11 @@ async def health() -> dict:
 @router.get("/ready", tags=["operations"])
 async def ready(request: Request) -> JSONResponse:
     """200 when the model is loaded and speech can be served; 503 with the reason otherwise."""
-    status = request.app.state.ctx.status()
+    ctx = request.app.state.ctx
+    status = ctx.status()
+    cluster = getattr(ctx.engine, "cluster_status", None)      # serve --ray: the engine replicas
+    if cluster is not None:
+        status.update(cluster())
     return JSONResponse(status, status_code=200 if status["ready"] else 503)
 
 
