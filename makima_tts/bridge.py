@@ -89,7 +89,8 @@ class Channel(Generic[T]):
     gone or the token is cancelled (stop producing). `end()` after the last item, or `fail(exc)`:
     the consumer gets the items before it, then `exc` raised.
 
-    Consumer: `await aget()` on the event loop, `get()` on a thread: the next item, or `DONE`.
+    Consumer: `async for item in channel` on the event loop, `for item in channel` on a thread (or
+    `await aget()` / `get()`: the next item, or `DONE`).
     A cancel of `cancel` ends the channel at once for both sides (items still buffered are dropped).
     `close()` when leaving early: the producer's next (or blocked) `put` returns False.
     """
@@ -159,6 +160,24 @@ class Channel(Generic[T]):
                 with self._cond:
                     if self._waiter is waiter:
                         self._waiter = None
+
+    def __iter__(self) -> "Channel[T]":
+        return self
+
+    def __next__(self) -> T:
+        item = self.get()
+        if isinstance(item, ChannelDone):
+            raise StopIteration
+        return item
+
+    def __aiter__(self) -> "Channel[T]":
+        return self
+
+    async def __anext__(self) -> T:
+        item = await self.aget()
+        if isinstance(item, ChannelDone):
+            raise StopAsyncIteration
+        return item
 
     def close(self) -> None:
         """The consumer is done: buffered items are dropped and the producer is told (put -> False)."""

@@ -8,7 +8,6 @@ import pytest
 
 from makima_tts.bridge import CancelToken, Channel
 from makima_tts.engine.types import CancelToken as EngineCancelToken
-from makima_tts.engine.types import GenerationSettings, SamplingParams
 
 
 def test_the_engine_and_the_bridge_share_one_cancel_token():
@@ -131,13 +130,3 @@ def test_close_stops_the_producer():
     assert stopped.wait(2)
     thread.join(2)
 
-
-def test_with_overrides_merges_a_request_into_the_defaults():
-    base = GenerationSettings(talker=SamplingParams(temperature=0.9, repetition_penalty=1.05),
-                              predictor=SamplingParams(top_k=50), seed=None)
-    assert base.with_overrides(None) is base and base.with_overrides({}) is base
-    s = base.with_overrides({"temperature": 0.3, "top_k": None, "do_sample": False, "seed": 7, "max_frames": 9,
-                             "predictor": {"top_k": 5}})
-    assert s.talker == SamplingParams(do_sample=False, temperature=0.3, repetition_penalty=1.05)
-    assert s.predictor == SamplingParams(top_k=5) and s.seed == 7 and s.max_frames == 9
-    assert s.first_chunk_frames == base.first_chunk_frames

@@ -79,7 +79,7 @@ def test_any_message_sequence_gets_well_formed_replies(tmp_path_factory, message
                         and reply["language"] == "auto":
                     break
         for _ in range(200):                                 # closed: nothing left running
-            if not ctx.sessions and ctx.scheduler.running == 0:
+            if not ctx.speech.sessions and ctx.speech.scheduler.running == 0:
                 break
             time.sleep(0.05)
-        assert not ctx.sessions and ctx.scheduler.running == 0 and ctx.scheduler.waiting == 0
+        assert not ctx.speech.sessions and ctx.speech.scheduler.running == 0 and ctx.speech.scheduler.waiting == 0

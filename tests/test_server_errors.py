@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 
 from makima_tts.engine.types import AudioChunk, VoiceInfo
 from makima_tts.server.app import create_app
-from makima_tts.server.context import ServerContext
+from makima_tts.server.engines import EngineManager
 from makima_tts.server.settings import Settings
 
 
@@ -53,13 +53,13 @@ def test_synthesis_error_mid_stream_is_reported_and_session_goes_on(tmp_path):
 
 def test_not_ready_while_loading(tmp_path, monkeypatch):
     release = threading.Event()
-    original = ServerContext._load_engine
+    original = EngineManager._load_engine
 
     def slow_load(self):
         release.wait(30)
         original(self)
 
-    monkeypatch.setattr(ServerContext, "_load_engine", slow_load)
+    monkeypatch.setattr(EngineManager, "_load_engine", slow_load)
     app = create_app(Settings(voices_dir=tmp_path, engine="piper"))
     with TestClient(app) as client:
         r = client.get("/ready")
@@ -87,12 +87,10 @@ def test_lazy_load_loads_on_first_request(tmp_path):
 
 
 def test_no_engine_at_all_is_tts_unavailable(tmp_path, monkeypatch):
-    import makima_tts.server.context as context
-
     def no_piper(self):
         raise ImportError("No module named 'piper'")
 
-    monkeypatch.setattr(context.ServerContext, "_load_piper", no_piper)
+    monkeypatch.setattr(EngineManager, "load_piper", no_piper)
     app = create_app(Settings(voices_dir=tmp_path))        # auto, no checkpoint, no embedded engine
     with TestClient(app) as client:
         with client.websocket_connect("/api/v1/speak") as ws:

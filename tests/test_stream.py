@@ -1,4 +1,5 @@
-"""The utterance pipeline (server/stream.py) with a stand-in engine: flow control and cancellation."""
+"""The utterance pipeline (SpeechService.speak, server/stream.py) with a stand-in engine: flow control and
+cancellation."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from makima_tts.engine.types import AudioChunk, VoiceInfo
+from makima_tts.engine.types import AudioChunk, CancelToken, VoiceInfo
 from makima_tts.errors import Overloaded
 from makima_tts.server.context import ServerContext
 from makima_tts.server.settings import Settings
-from makima_tts.server.stream import Synthesis
 
 
 class EndlessEngine:
@@ -51,15 +51,14 @@ def test_a_consumer_that_stops_reading_pauses_generation(tmp_path):
 
     async def main():
         await ctx.start()
-        synth = Synthesis(ctx, "endless text", voice=None)
-        audio = synth.run()
+        audio = ctx.speech.speak("endless text")
         await audio.__anext__()
         await asyncio.sleep(1.0)                  # a slow client: nothing read for a while
         produced = ctx.engine.produced
         assert produced <= 4 + 3                  # the buffer, one in hand, one being put
         await audio.aclose()                      # the client goes away
         assert ctx.engine.closed.wait(5)
-        assert ctx.scheduler.running == 0
+        assert ctx.speech.scheduler.running == 0
 
     asyncio.run(main())
     ctx.close()
@@ -70,16 +69,16 @@ def test_cancel_ends_the_stream_and_frees_the_slot(tmp_path):
 
     async def main():
         await ctx.start()
-        synth = Synthesis(ctx, "endless", voice=None)
+        token = CancelToken()
         got = 0
-        async for _ in synth.run():
+        async for _ in ctx.speech.speak("endless", cancel=token):
             got += 1
             if got == 3:
-                synth.cancel()
+                token.cancel()
             if got > 20:
                 break
         assert got < 20                            # ended right after the cancel
-        assert ctx.engine.closed.wait(5) and ctx.scheduler.running == 0
+        assert ctx.engine.closed.wait(5) and ctx.speech.scheduler.running == 0
 
     asyncio.run(main())
     ctx.close()
@@ -90,14 +89,14 @@ def test_full_slots_and_queue_overload(tmp_path):
 
     async def main():
         await ctx.start()
-        first = Synthesis(ctx, "one", voice=None).run()
+        first = ctx.speech.speak("one")
         await first.__anext__()                    # holds the only slot
-        second = Synthesis(ctx, "two", voice=None).run()
+        second = ctx.speech.speak("two")
         waiting = asyncio.ensure_future(second.__anext__())   # waits in the queue
         await asyncio.sleep(0.1)
-        assert ctx.scheduler.waiting == 1
+        assert ctx.speech.scheduler.waiting == 1
         with pytest.raises(Overloaded):
-            await Synthesis(ctx, "three", voice=None).run().__anext__()
+            await ctx.speech.speak("three").__anext__()
         await first.aclose()
         assert len(await asyncio.wait_for(waiting, 10)) == 1920   # got the slot once the first left
         await second.aclose()

@@ -22,20 +22,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, defaults):
-    from dataclasses import replace
-
-    def stage(params, prefix: str):
-        changes = {}
-        for field in ("temperature", "top_k", "top_p", "repetition_penalty"):
-            value = getattr(args, prefix + field)
-            if value is not None:
-                changes[field] = value
-        if args.greedy:
-            changes["do_sample"] = False
-        return replace(params, **changes)
-
-    return replace(defaults, talker=stage(defaults.talker, ""), predictor=stage(defaults.predictor, "predictor_"),
-                   seed=args.seed, max_frames=args.max_frames)
+    """The engine's defaults with the sampling flags, merged as the server merges a request's."""
+    return defaults.with_overrides({**sampling_from_args(args), "max_frames": args.max_frames})
 
 
 def register(sub) -> None:

@@ -45,10 +45,10 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[SpeechEngin
         install_log_filters()
         await ctx.start()
         wyoming = None
-        if settings.wyoming_port:     # Wyoming (Home Assistant): same loop, same context
+        if settings.wyoming_port:     # Wyoming (Home Assistant): same loop, same speech service
             from .wyoming import WyomingServer
 
-            wyoming = WyomingServer(ctx, settings.host, settings.wyoming_port)
+            wyoming = WyomingServer(ctx.speech, settings.host, settings.wyoming_port)
             await wyoming.start()
         try:
             yield

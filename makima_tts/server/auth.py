@@ -6,7 +6,6 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
-from starlette.websockets import WebSocket
 
 
 def _presented_key(headers, query_params) -> Optional[str]:
@@ -29,10 +28,6 @@ async def require_api_key(request: Request) -> None:
     """FastAPI dependency: 401 in OpenAI's error shape when keys are configured and none matches."""
     if not key_ok(request.app.state.ctx.settings.api_keys, request.headers, request.query_params):
         raise HTTPException(status_code=401, detail="invalid or missing API key")
-
-
-def websocket_key_ok(ws: WebSocket) -> bool:
-    return key_ok(ws.app.state.ctx.settings.api_keys, ws.headers, ws.query_params)
 
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -6,15 +6,16 @@ import base64
 import json
 from typing import Annotated, Literal, Optional, Union
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..audio import CONTENT_TYPES, G711_FORMATS, make_encoder
 from ..errors import MakimaError, UnsupportedFormat
 from .auth import require_api_key
+from .deps import Speech
 from .guard import ClientTooSlow
-from .stream import SAMPLE_RATES, Synthesis
+from .stream import SAMPLE_RATES, UtteranceStats
 
 router = APIRouter()
 OUT_RATE = 24000
@@ -66,19 +67,18 @@ class SpeechRequest(BaseModel):
 @router.post("/v1/audio/speech", tags=["openai"], dependencies=[Depends(require_api_key)],
              response_class=StreamingResponse,
              responses={200: {"content": {ct: {} for ct in CONTENT_TYPES.values()}}})
-async def speech(body: SpeechRequest, request: Request):
-    ctx = request.app.state.ctx
-    text = ctx.check_text(body.input)
-    await ctx.get_engine(wait=ctx.settings.lazy_load)
+async def speech(body: SpeechRequest, service: Speech):
+    text = service.check_text(body.input)
+    await service.engines.get(wait=service.settings.lazy_load)
     voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
     fmt = body.response_format
     rate = body.sample_rate or (8000 if fmt in G711_FORMATS else OUT_RATE)
     if rate not in SAMPLE_RATES:
         raise UnsupportedFormat(f"sample_rate {rate} is not supported; use one of {', '.join(map(str, SAMPLE_RATES))}")
     encoder = make_encoder(fmt, rate)
-    synth = Synthesis(ctx, text, voice=voice, language=body.language or "auto", out_rate=rate,
-                      speed=body.speed, sampling=None if body.seed is None else {"seed": body.seed})
-    audio = synth.run()
+    stats = UtteranceStats()
+    audio = service.speak(text, voice=voice, language=body.language or "auto", out_rate=rate, speed=body.speed,
+                          sampling=None if body.seed is None else {"seed": body.seed}, stats=stats)
     try:   # the first chunk before the status line: errors get their status code
         first = await audio.__anext__()
     except StopAsyncIteration:
@@ -100,11 +100,11 @@ async def speech(body: SpeechRequest, request: Request):
             outcome = "ok"
         except MakimaError as e:
             outcome = "error"
-            ctx.metrics.errors.labels(e.code).inc()
+            service.metrics.errors.labels(e.code).inc()
             raise
         finally:
             await audio.aclose()
-            ctx.metrics.utterance(ctx.engine_name, outcome, synth.stats)
+            service.metrics.utterance(service.engines.name, outcome, stats)
 
     async def sse():
         n = 0
@@ -121,8 +121,8 @@ async def speech(body: SpeechRequest, request: Request):
                 "usage": {"input_tokens": len(text), "output_tokens": n, "total_tokens": len(text) + n}}
         yield f"data: {json.dumps(done)}\n\n".encode()
 
-    headers = {"X-Voice": str(synth.stats.voice or ""), "Cache-Control": "no-store"}
-    timeout = ctx.settings.send_timeout_s
+    headers = {"X-Voice": str(stats.voice or ""), "Cache-Control": "no-store"}
+    timeout = service.settings.send_timeout_s
     if body.stream_format == "sse":
         return TimedStreamingResponse(sse(), media_type="text/event-stream", headers=headers, send_timeout=timeout)
     media_type = f"{CONTENT_TYPES[fmt]};rate={rate}" if fmt in G711_FORMATS else CONTENT_TYPES[fmt]

@@ -1,5 +1,11 @@
 """One WebSocket session at /api/v1/speak: a reader that takes messages and a player that
-speaks the queued utterances in order (docs/protocol.md)."""
+speaks the queued utterances in order (docs/protocol.md).
+
+`Session(ws, service)` is built by routes_ws with the SpeechService it speaks through. One
+utterance: `_reader` -> `_handle(Speak)` (checked, queued) -> `_player` -> `_speak` ->
+`service.speak(...)` (engine, voice, slot, synthesis) -> encoded -> `send_bytes`. An utterance is
+cancelled one way: its CancelToken (`Utterance.cancel()`), which reaches the engine.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,19 +15,24 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..audio import G711_FORMATS, make_encoder, to_f32le, to_pcm16
+from ..bridge import CancelToken
 from ..engine.types import check_language
 from ..errors import InvalidInput, MakimaError, Overloaded, SendTimeout, ServerShutdown, SessionTimeout, \
-    SynthesisError, TextTooLong
+    SynthesisError
 from ..text import SentenceBuffer
-from .auth import websocket_key_ok
+from .auth import key_ok
 from .errors import public_message
 from .protocol import Cancel, Flush, Played, Speak, Start, Stop, Text, accepted, parse_message
-from .stream import Synthesis
+from .speech import SpeechService, check_length, check_piece
+from .stream import UtteranceStats
+
+if TYPE_CHECKING:
+    from ..engine.generate import TextFeed
 
 log = logging.getLogger("makima_tts.server")
 CLOSE_UNAUTHORIZED = 4401
@@ -46,17 +57,21 @@ class Utterance:
     text: str
     voice: Optional[str] = None
     language: Optional[str] = None
-    cancelled: bool = False
-    synth: Optional[Synthesis] = field(default=None, repr=False)
-    feed: Optional[object] = field(default=None, repr=False)   # token mode: the engine's TextFeed
+    feed: Optional[TextFeed] = field(default=None, repr=False)   # token mode: the engine's TextFeed
+    token: CancelToken = field(default_factory=CancelToken, repr=False)
     audio_ms_sent: float = 0.0            # audio of this utterance handed to the client
     played_ms: Optional[float] = None     # the client's last `played` report for it
 
+    def __post_init__(self) -> None:
+        self.token.on_cancel(self.end_text)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
     def cancel(self) -> None:
-        self.cancelled = True
-        if self.synth is not None:
-            self.synth.cancel()
-        self.end_text()
+        """Stop it: the engine before its next frame, its text feed closed, nothing more sent."""
+        self.token.cancel()
 
     def end_text(self) -> None:
         """Token mode: no more text for this utterance (its feed closes; the model finishes it)."""
@@ -65,9 +80,9 @@ class Utterance:
 
 
 class Session:
-    def __init__(self, ws: WebSocket):
+    def __init__(self, ws: WebSocket, service: SpeechService):
         self.ws = ws
-        self.ctx = ws.app.state.ctx
+        self.service = service
         self.id = uuid.uuid4().hex[:12]
         self.format = "pcm_s16le"
         self.sample_rate = 24000
@@ -99,19 +114,19 @@ class Session:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        ws, ctx = self.ws, self.ctx
+        ws, service = self.ws, self.service
         await ws.accept()
-        if not websocket_key_ok(ws):
+        if not key_ok(service.settings.api_keys, ws.headers, ws.query_params):
             await ws.close(CLOSE_UNAUTHORIZED, "invalid or missing API key")
             return
-        ctx.metrics.active_sessions.inc()
-        ctx.sessions.add(self)
+        service.metrics.active_sessions.inc()
+        service.sessions.add(self)
         player = None
         try:
-            if ctx.engine is None:
+            if service.engines.engine is None:
                 await self.send({"type": "status", "state": "loading", "message": "the model is loading"})
                 try:
-                    await ctx.get_engine(wait=True)
+                    await service.engines.get(wait=True)
                 except MakimaError as e:
                     await self.send_error(e, recoverable=False)
                     await ws.close(CLOSE_UNAVAILABLE, e.code)
@@ -128,8 +143,8 @@ class Session:
                     player.cancel()
                     await asyncio.wait({player})         # not `await player`: its CancelledError is not ours
             finally:
-                ctx.sessions.discard(self)
-                ctx.metrics.active_sessions.dec()
+                service.sessions.discard(self)
+                service.metrics.active_sessions.dec()
             if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
                 try:
                     await asyncio.wait_for(ws.close(1000), SHUTDOWN_SEND_S)
@@ -151,7 +166,7 @@ class Session:
             pass
 
     async def _reader(self, player: asyncio.Task) -> None:
-        idle_timeout = self.ctx.settings.session_idle_timeout_s
+        idle_timeout = self.service.settings.session_idle_timeout_s
         while True:
             busy = self.current is not None or bool(self.queue)
             if busy:
@@ -181,7 +196,7 @@ class Session:
                     return
                 await self._handle(msg)
             except MakimaError as e:
-                await self.send_error(e, id=getattr(e, "utterance_id", None))
+                await self.send_error(e)
 
     async def _handle(self, msg) -> None:
         if isinstance(msg, Start):
@@ -195,73 +210,67 @@ class Session:
         elif isinstance(msg, Speak):
             uid = msg.id or f"u{next(self._ids)}"
             try:
-                self.ctx.check_open()
-                self.ctx.check_text(msg.text)
+                self.service.check_open()
+                self.service.check_text(msg.text)
                 if msg.language is not None:
                     check_language(msg.language)
                 if not msg.interrupt:
                     self._check_room(1, len(msg.text))
-            except MakimaError as e:
-                e.utterance_id = uid
-                raise
+            except MakimaError as e:            # refused: the error names the utterance
+                await self.send_error(e, id=uid)
+                return
             if msg.interrupt:
                 await self._cancel(send=True)
             self._enqueue(Utterance(uid, msg.text, msg.voice, msg.language))
         elif isinstance(msg, Text):
-            self.ctx.check_open()
+            self.service.check_open()
             if self._token_mode():
                 self._feed_text(msg.text)
             else:
                 self._push_text(msg.text)
         elif isinstance(msg, Flush):
-            self.ctx.check_open()
+            self.service.check_open()
             self._flush_text()
         elif isinstance(msg, Cancel):
             await self._cancel(send=True)
         elif isinstance(msg, Played):
-            self._played(msg)
+            await self._played(msg)
 
-    def _played(self, msg: Played) -> None:
+    async def _played(self, msg: Played) -> None:
         """The client's report of how much of an utterance it has played: logged, kept for the next
         `cancelled`, counted in the metrics. Clamped to the audio sent."""
         utt = self._recent.get(msg.id)
         if utt is None:
-            e = InvalidInput(f"played: no utterance {msg.id[:40]!r} in this session (of its latest "
-                             f"{RECENT_UTTERANCES})")
-            e.utterance_id = msg.id
-            raise e
+            await self.send_error(InvalidInput(f"played: no utterance {msg.id[:40]!r} in this session (of its "
+                                               f"latest {RECENT_UTTERANCES})"), id=msg.id)
+            return
         ms = min(float(msg.ms), utt.audio_ms_sent)
-        self.ctx.metrics.played_reports.inc()
+        self.service.metrics.played_reports.inc()
         utt.played_ms = round(ms, 1)
         log.info("session %s: utterance %s played %.0f ms of %.0f ms sent%s", self.id, utt.id, ms,
                  utt.audio_ms_sent, " (cut)" if utt.cancelled else "")
 
     def _token_mode(self) -> bool:
-        engine = self.ctx.engine
-        if self.text_mode == "sentence" or engine is None or not hasattr(engine, "new_feed"):
-            return False
-        return True
+        return self.text_mode != "sentence" and self.service.engines.streams_tokens
 
     def _feed_text(self, piece: str) -> None:
         """Token mode: the piece goes into the open utterance's TextFeed (one is opened and queued by the
         first piece); over a limit, nothing of it is taken."""
-        s = self.ctx.settings
-        if len(piece) > s.max_text_chars:
-            self.ctx.check_length(piece)
+        max_chars = self.service.settings.max_text_chars
+        check_length(piece, max_chars)
         utt = self.streaming
         if utt is None or utt.cancelled:
             self._check_room(1, len(piece))
-            utt = Utterance(f"s{next(self._ids)}", "", feed=self.ctx.engine.new_feed(max_chars=s.max_text_chars))
+            utt = Utterance(f"s{next(self._ids)}", "", feed=self.service.new_feed())
             self.streaming = utt
             self._enqueue(utt)
         elif self.queue and utt in self.queue:
             self._check_room(0, len(piece))
         self._last_text = time.monotonic()
-        try:
-            utt.feed.push(piece)
-        except ValueError:
-            raise TextTooLong(f"the streamed text would be {len(utt.feed.text) + len(piece)} characters; the limit "
-                              f"is {s.max_text_chars} (send flush to start the next utterance)") from None
+        assert utt.feed is not None
+        check_piece(piece, utt.feed.text, max_chars, pending=False,
+                    hint=" (send flush to start the next utterance)")
+        utt.feed.push(piece)
         if utt in self.queue:
             self.queued_chars += len(piece)
         utt.text += piece
@@ -270,9 +279,9 @@ class Session:
         """Token mode: an utterance whose text stopped arriving (no `text` for text_idle_timeout_s) is
         ended as if flushed: it holds a generation slot while it waits."""
         utt = self.streaming
-        if utt is not None and time.monotonic() - self._last_text > self.ctx.settings.text_idle_timeout_s:
-            log.info("session %s: no text for %g s; utterance %s ends with what it has", self.id,
-                     self.ctx.settings.text_idle_timeout_s, utt.id)
+        idle = self.service.settings.text_idle_timeout_s
+        if utt is not None and time.monotonic() - self._last_text > idle:
+            log.info("session %s: no text for %g s; utterance %s ends with what it has", self.id, idle, utt.id)
             self._flush_text()
 
     def _flush_text(self) -> None:
@@ -286,11 +295,7 @@ class Session:
     def _push_text(self, piece: str) -> None:
         """Streamed text: the sentences it completes are queued; over a limit, nothing of it is taken."""
         pending = self.sentences.pending
-        if len(piece) > self.ctx.settings.max_text_chars:
-            self.ctx.check_length(piece)
-        if len(pending) + len(piece) > self.ctx.settings.max_text_chars:
-            raise TextTooLong(f"the streamed text pending without a sentence end would be {len(pending) + len(piece)} "
-                              f"characters; the limit is {self.ctx.settings.max_text_chars}")
+        check_piece(piece, pending, self.service.settings.max_text_chars, pending=True)
         self._check_room(0, len(pending) + len(piece))
         sentences = self.sentences.push(piece)
         try:
@@ -304,7 +309,7 @@ class Session:
     def _check_room(self, utterances: int, chars: int) -> None:
         """OVERLOADED when this session's queue would pass max_session_queue utterances or
         max_session_queue_chars characters (pending streamed text included)."""
-        s = self.ctx.settings
+        s = self.service.settings
         if utterances and len(self.queue) + utterances > s.max_session_queue:
             raise Overloaded(f"this session has {len(self.queue)} utterances queued; the limit is "
                              f"{s.max_session_queue}: wait for audio_end, or cancel")
@@ -334,7 +339,7 @@ class Session:
             ids.append(self.current.id)
         while self.queue:
             utt = self._dequeue()
-            utt.cancelled = True
+            utt.cancel()
             ids.append(utt.id)
         self.queued_chars = 0
         self.sentences.reset()
@@ -381,7 +386,7 @@ class Session:
 
     async def _play(self) -> None:
         while True:
-            while not self.queue or self.ctx.draining or self._closing:
+            while not self.queue or self.service.draining or self._closing:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -392,14 +397,14 @@ class Session:
             except _SendTimeout:
                 await self._send_timed_out(utt)
             except MakimaError as e:
-                self.ctx.metrics.utterance(self.ctx.engine_name, "error")
+                self.service.metrics.utterance(self.service.engines.name, "error")
                 if not utt.cancelled:
                     await self.send_error(e, id=utt.id)
             except _Gone:
                 raise
             except Exception:   # a bug must not kill the session
                 log.exception("utterance %s failed", utt.id)
-                self.ctx.metrics.utterance(self.ctx.engine_name, "error")
+                self.service.metrics.utterance(self.service.engines.name, "error")
                 await self.send_error(SynthesisError("synthesis failed (an internal error; the server log has "
                                                      "the details)"), id=utt.id)
             finally:
@@ -409,7 +414,7 @@ class Session:
     async def _send_timed_out(self, utt: Utterance) -> None:
         """The client accepted no audio for send_timeout_s: this utterance (its slot is free again by now)
         and the queue are dropped; the client hears why once it reads again."""
-        timeout = self.ctx.settings.send_timeout_s
+        timeout = self.service.settings.send_timeout_s
         log.warning("session %s: the client accepted no audio for %g s; utterance %s cancelled",
                     self.id, timeout, utt.id)
         ids = [utt.id] + self._cancel_all()
@@ -419,30 +424,28 @@ class Session:
         await self.send_cancelled(list(dict.fromkeys(ids)), utt)
 
     async def _speak(self, utt: Utterance) -> None:
-        synth = Synthesis(self.ctx, utt.feed if utt.feed is not None else utt.text, voice=utt.voice,
-                          session_voice=self.voice,
-                          language=utt.language or self.language, sampling=self.sampling, out_rate=self.sample_rate)
-        utt.synth = synth
         if utt.cancelled:
             return
+        st = UtteranceStats()
         if self.format in G711_FORMATS:
             encode = make_encoder(self.format, self.sample_rate).encode     # PyAV's G.711 encoder
         else:
             encode = to_pcm16 if self.format == "pcm_s16le" else to_f32le
         started = False
-        agen = synth.run()
+        audio = self.service.speak(utt.feed if utt.feed is not None else utt.text, voice=utt.voice,
+                                   session_voice=self.voice, language=utt.language or self.language,
+                                   sampling=self.sampling, out_rate=self.sample_rate, cancel=utt.token, stats=st)
         try:
-            async for pcm in agen:
+            async for pcm in audio:
                 if utt.cancelled:
                     break
                 if not started:
-                    await self.send(self._audio_start(utt, synth.stats))
+                    await self.send(self._audio_start(utt, st))
                     started = True
                 await self.send_bytes(encode(pcm), utt, ms=len(pcm) * 1000.0 / self.sample_rate)
         finally:
-            await agen.aclose()
-        st = synth.stats
-        self.ctx.metrics.utterance(self.ctx.engine_name, "cancelled" if utt.cancelled else "ok", st)
+            await audio.aclose()
+        self.service.metrics.utterance(self.service.engines.name, "cancelled" if utt.cancelled else "ok", st)
         if utt.cancelled:
             return
         if not started:
@@ -452,8 +455,8 @@ class Session:
                          "rtf": None if st.rtf is None else round(st.rtf, 3)})
 
     @staticmethod
-    def _audio_start(utt: Utterance, st) -> dict:
-        msg = {"type": "audio_start", "id": utt.id, "voice": st.voice}
+    def _audio_start(utt: Utterance, st: UtteranceStats) -> dict:
+        msg: dict[str, Any] = {"type": "audio_start", "id": utt.id, "voice": st.voice}
         if utt.feed is not None:          # token mode: text tokens the voice needed before it could start
             msg["tokens_needed"] = st.tokens_needed
         return msg
@@ -461,24 +464,27 @@ class Session:
     # ------------------------------------------------------------------ sending
 
     async def send_ready(self) -> None:
-        ctx = self.ctx
-        default = ctx.default_voice_info()
+        service = self.service
+        engine = service.engines.engine
+        assert engine is not None
+        default = service.voices.default_voice_info()
         await self.send({"type": "ready", "session_id": self.id, "sample_rate": self.sample_rate,
                          "format": self.format, "channels": 1, "voice": self.voice or default.get("voice_id"),
                          "default_voice": default, "language": self.language,
-                         "model": str(ctx.engine.model_id), "engine": ctx.engine.name,
+                         "model": str(engine.model_id), "engine": engine.name,
                          "text_mode": "token" if self._token_mode() else "sentence",
-                         **accepted(ctx.settings.max_text_chars)})
+                         **accepted(service.settings.max_text_chars)})
 
     async def send_error(self, e: MakimaError, id: Optional[str] = None, recoverable: Optional[bool] = None,
                          timeout: Optional[float] = None) -> None:
-        self.ctx.metrics.errors.labels(e.code).inc()
+        self.service.metrics.errors.labels(e.code).inc()
         msg = {"type": "error", "code": e.code, "message": public_message(e.message),
                "recoverable": e.recoverable if recoverable is None else recoverable}
         if id is not None:
             msg["id"] = id[:128]
-        if isinstance(getattr(e, "retry_after_ms", None), int):     # OVERLOADED: when to retry
-            msg["retry_after_ms"] = e.retry_after_ms
+        retry_after_ms = getattr(e, "retry_after_ms", None)
+        if isinstance(retry_after_ms, int):     # OVERLOADED: when to retry
+            msg["retry_after_ms"] = retry_after_ms
         await self.send(msg, timeout=timeout)
 
     async def send(self, obj: dict, timeout: Optional[float] = None) -> None:
@@ -491,7 +497,7 @@ class Session:
             msg = {"type": "cancelled", "ids": ids, "audio_ms_sent": 0.0, "played_ms": None}
             if cut is not None:
                 msg.update(id=cut.id[:128], audio_ms_sent=round(cut.audio_ms_sent, 1), played_ms=cut.played_ms)
-                m = self.ctx.metrics
+                m = self.service.metrics
                 m.cut_audio_seconds.labels("sent").inc(cut.audio_ms_sent / 1000.0)
                 if cut.played_ms is not None:
                     m.cut_audio_seconds.labels("played").inc(cut.played_ms / 1000.0)
@@ -513,7 +519,7 @@ class Session:
     async def _send(self, sending, timeout: Optional[float], utt: Optional[Utterance] = None) -> None:
         """One message out, under the send lock, within `timeout` (send_timeout_s): a client that
         accepts nothing for that long raises _SendTimeout."""
-        timeout = self.ctx.settings.send_timeout_s if timeout is None else timeout
+        timeout = self.service.settings.send_timeout_s if timeout is None else timeout
 
         async def locked() -> None:
             async with self._send_lock:

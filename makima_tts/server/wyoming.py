@@ -1,8 +1,8 @@
 """The Wyoming protocol (Home Assistant's), served beside the HTTP server: `serve --wyoming-port PORT`.
 
 Same process, event loop, engine, voices and limits as the HTTP server: a `WyomingHandler` is built
-from the server's `ServerContext` and speaks through the same `Synthesis` (generation slots,
-OVERLOADED, send timeout, drain on shutdown).
+with the server's `SpeechService` and speaks through it (generation slots, OVERLOADED, send timeout,
+drain on shutdown).
 
 - `describe` -> `info` with one TTS program listing the voices (the voice library's, or the
   embedded engine's built-in ones) with their languages (ISO 639-1 codes).
@@ -35,6 +35,7 @@ from ..engine.types import LANGUAGES, check_language
 from ..errors import InvalidInput, MakimaError, SessionTimeout, SynthesisError, UnknownLanguage
 from ..voices import GENERATED_VOICE
 from .errors import public_message
+from .speech import SpeechService
 from .textstream import StreamedUtterance
 
 log = logging.getLogger("makima_tts.server")
@@ -73,9 +74,10 @@ def _codes(language: Optional[str], engine) -> list[str]:
     return ["en"]
 
 
-def voices_info(ctx) -> list[TtsVoice]:
+def voices_info(service: SpeechService) -> list[TtsVoice]:
     """The voices a request may name, as Wyoming describes them. Blocking (reads the library)."""
-    engine = ctx.engine
+    engine = service.engines.engine
+    assert engine is not None
     out: list[TtsVoice] = []
     if not engine.supports_cloning:
         for v in engine.builtin_voices():
@@ -83,13 +85,13 @@ def voices_info(ctx) -> list[TtsVoice]:
                                 description=v.name or v.voice_id, version=None, languages=_codes(v.language, engine)))
         return out
     names = set()
-    for r in ctx.library.list():
+    for r in service.voices.library.list():
         if not r.has_audio:
             continue
         names.add(r.voice_id)
         out.append(TtsVoice(name=r.voice_id, attribution=ATTRIBUTION, installed=True,
                             description=r.name or r.voice_id, version=None, languages=_codes(r.language, engine)))
-    default = ctx.default_voice_info().get("voice_id")
+    default = service.voices.default_voice_info().get("voice_id")
     if default == GENERATED_VOICE and GENERATED_VOICE not in names:      # made on first use
         out.append(TtsVoice(name=GENERATED_VOICE, attribution=ATTRIBUTION, installed=True,
                             description="Default (generated on first use)", version=None,
@@ -98,11 +100,11 @@ def voices_info(ctx) -> list[TtsVoice]:
 
 
 class WyomingHandler(AsyncEventHandler):
-    """One Wyoming connection. Registered in ctx.sessions (busy / shut_down) so a shutdown drains it."""
+    """One Wyoming connection. Registered in service.sessions (busy / shut_down) so a shutdown drains it."""
 
-    def __init__(self, ctx, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, service: SpeechService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         super().__init__(reader, writer)
-        self.ctx = ctx
+        self.service = service
         self._task: Optional[asyncio.Task] = None        # the utterance being spoken
         self._utt: Optional[StreamedUtterance] = None     # the open stream (synthesize-start .. stop)
         self._stream_failed = False                       # the open stream ended in an error
@@ -116,10 +118,10 @@ class WyomingHandler(AsyncEventHandler):
         return self._task is not None and not self._task.done()
 
     async def run(self) -> None:
-        ctx = self.ctx
-        ctx.sessions.add(self)
-        ctx.metrics.wyoming_connections.inc()
-        idle = ctx.settings.session_idle_timeout_s
+        service = self.service
+        service.sessions.add(self)
+        service.metrics.wyoming_connections.inc()
+        idle = service.settings.session_idle_timeout_s
         try:
             while not self._closing:
                 try:
@@ -140,8 +142,8 @@ class WyomingHandler(AsyncEventHandler):
             pass
         finally:
             await self.disconnect()
-            ctx.sessions.discard(self)
-            ctx.metrics.wyoming_connections.dec()
+            service.sessions.discard(self)
+            service.metrics.wyoming_connections.dec()
             try:
                 self.writer.close()
             except Exception:
@@ -190,18 +192,18 @@ class WyomingHandler(AsyncEventHandler):
         return not self._closing
 
     async def _handle(self, event: Event) -> None:
-        ctx = self.ctx
+        service = self.service
         if Describe.is_type(event.type):
             await self._write(await self.info())
         elif Synthesize.is_type(event.type):
             if self._utt is not None or self._stream_failed:
                 return          # the copy of a streamed request sent for servers without streaming
             request = Synthesize.from_event(event)
-            text = ctx.check_text(request.text)
+            text = service.check_text(request.text)
             voice, language = self._voice(request.voice)
-            ctx.check_open()
+            service.check_open()
             await self._wait_idle()
-            utt = StreamedUtterance(ctx, voice=voice, language=language, out_rate=await self._rate())
+            utt = StreamedUtterance(service, voice=voice, language=language, out_rate=await self._rate())
             utt.push(text)
             utt.end()
             self._task = asyncio.create_task(self._speak(utt, stream=False))
@@ -211,9 +213,9 @@ class WyomingHandler(AsyncEventHandler):
             self._stream_failed = False
             start = SynthesizeStart.from_event(event)
             voice, language = self._voice(start.voice)
-            ctx.check_open()
+            service.check_open()
             await self._wait_idle()
-            self._utt = StreamedUtterance(ctx, voice=voice, language=language, out_rate=await self._rate())
+            self._utt = StreamedUtterance(service, voice=voice, language=language, out_rate=await self._rate())
             self._task = asyncio.create_task(self._speak(self._utt, stream=True))
         elif SynthesizeChunk.is_type(event.type):
             chunk = SynthesizeChunk.from_event(event)
@@ -239,9 +241,9 @@ class WyomingHandler(AsyncEventHandler):
             log.debug("wyoming: event %r ignored", event.type[:40])
 
     async def info(self) -> Event:
-        ctx = self.ctx
-        engine = await ctx.get_engine(wait=True)
-        voices = await asyncio.get_running_loop().run_in_executor(ctx.executor, voices_info, ctx)
+        service = self.service
+        engine = await service.engines.get(wait=True)
+        voices = await asyncio.get_running_loop().run_in_executor(service.executor, voices_info, service)
         program = TtsProgram(name="makima-tts", attribution=ATTRIBUTION, installed=True,
                              description=f"makima-tts streaming speech ({engine.name}: {engine.model_id})",
                              version=__version__, voices=voices, supports_synthesize_streaming=True)
@@ -257,7 +259,7 @@ class WyomingHandler(AsyncEventHandler):
         return (name or None), language_from_wyoming(voice.language)
 
     async def _rate(self) -> int:
-        return int((await self.ctx.get_engine(wait=True)).sample_rate)
+        return int((await self.service.engines.get(wait=True)).sample_rate)
 
     async def _wait_idle(self) -> None:
         """Utterances of one connection are spoken one after the other."""
@@ -306,7 +308,7 @@ class WyomingHandler(AsyncEventHandler):
 
     async def _write(self, event: Event) -> None:
         """One event out within send_timeout_s; a client that accepts nothing that long is dropped."""
-        timeout = self.ctx.settings.send_timeout_s
+        timeout = self.service.settings.send_timeout_s
 
         async def locked() -> None:
             async with self._write_lock:
@@ -320,7 +322,7 @@ class WyomingHandler(AsyncEventHandler):
             raise _Gone() from e
 
     async def _error(self, e: MakimaError) -> None:
-        self.ctx.metrics.errors.labels(e.code).inc()
+        self.service.metrics.errors.labels(e.code).inc()
         try:
             await self._write(Error(text=public_message(e.message), code=e.code).event())
         except _Gone:
@@ -334,15 +336,15 @@ class _Gone(Exception):
 class WyomingServer:
     """The Wyoming TCP server on the HTTP server's host; started and stopped with the app."""
 
-    def __init__(self, ctx, host: str, port: int):
-        self.ctx = ctx
+    def __init__(self, service: SpeechService, host: str, port: int):
+        self.service = service
         self.host, self.port = host, int(port)
         self._server = AsyncTcpServer(self.host, self.port)
 
     async def start(self) -> None:
-        await self._server.start(partial(WyomingHandler, self.ctx))
+        await self._server.start(partial(WyomingHandler, self.service))
         log.info("Wyoming (Home Assistant) on tcp://%s:%d", self.host, self.port)
-        if self.ctx.settings.api_keys:
+        if self.service.settings.api_keys:
             log.warning("Wyoming has no authentication: the API keys do not apply to tcp://%s:%d", self.host,
                         self.port)
 

@@ -1,0 +1,180 @@
+"""Which engine serves, and when it is ready: `EngineManager`.
+
+`engine = auto | qwen3 | piper` (Settings): auto serves Qwen3-TTS when a checkpoint is configured
+and loads, otherwise the embedded Piper engine; qwen3 stops the server if the checkpoint cannot
+load; piper never touches Qwen. The engine loads off the event loop, at start-up or (lazy_load) on
+the first request; `await engines.get()` is how everything else reaches it, and `status()` says
+which engine serves and why (GET /ready, the start-up log line).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from typing import Callable, Optional
+
+from ..engine.types import SpeechEngine
+from ..errors import EngineUnavailable, MakimaError, NotReady
+from .settings import Settings
+
+log = logging.getLogger("makima_tts.server")
+LOAD_WAIT_S = 600.0          # how long a request waits for a lazy load
+
+
+class EngineManager:
+    """Loads the engine once and hands it out. `on_ready(engine)` is called once it serves."""
+
+    def __init__(self, settings: Settings, executor: Executor,
+                 on_ready: Optional[Callable[[SpeechEngine], None]] = None,
+                 engine: Optional[SpeechEngine] = None):
+        self.settings = settings
+        self.executor = executor
+        self.on_ready = on_ready
+        self.engine: Optional[SpeechEngine] = None
+        self.reason = ""                       # why this engine serves
+        self.load_error: Optional[str] = None
+        self.state = "starting"                # starting | loading | ready | failed
+        self._loaded: Optional[asyncio.Event] = None
+        self._load_task: Optional[asyncio.Future] = None
+        if engine is not None:
+            self._serve(engine, "engine given by the caller")
+
+    @property
+    def name(self) -> str:
+        """The serving engine's name ("none" before it loads): the metrics' engine label."""
+        return self.engine.name if self.engine is not None else "none"
+
+    @property
+    def streams_tokens(self) -> bool:
+        """Whether the engine takes text token by token as it arrives (Qwen3's TextFeed)."""
+        return self.engine is not None and hasattr(self.engine, "new_feed")
+
+    async def start(self) -> None:
+        """At app start-up, on the loop: load the engine unless lazy_load (engine = qwen3: wait for it,
+        and fail the start-up if it does not load)."""
+        self._loaded = asyncio.Event()
+        if self.engine is not None:
+            self._loaded.set()
+            return
+        if self.settings.engine == "qwen3" and not self.settings.lazy_load:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._load_engine)
+            self._loaded.set()
+            if self.engine is None:
+                raise EngineUnavailable(self.load_error or "the Qwen3-TTS engine did not load")
+            return
+        if not self.settings.lazy_load:
+            self._begin_load()
+
+    async def get(self, wait: bool = True, timeout: float = LOAD_WAIT_S) -> SpeechEngine:
+        """The engine. Starts a lazy load and waits for it; wait=False: NotReady while it loads
+        (unless lazy_load, where the first request waits)."""
+        if self.engine is not None:
+            return self.engine
+        if self.state == "failed":
+            raise EngineUnavailable(f"no speech engine: {self.load_error}")
+        self._begin_load()
+        if not wait and not self.settings.lazy_load:
+            raise NotReady("the model is still loading; retry in a few seconds (GET /ready says when)")
+        assert self._loaded is not None
+        try:
+            await asyncio.wait_for(self._loaded.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotReady("the model is still loading; retry in a few seconds") from None
+        if self.engine is None:
+            raise EngineUnavailable(f"no speech engine: {self.load_error}")
+        return self.engine
+
+    def status(self) -> dict:
+        """GET /ready's body, less the default voice: ready, state, and which engine serves and why."""
+        out: dict = {"ready": self.engine is not None, "state": self.state}
+        if self.engine is not None:
+            engine = self.engine
+            out.update(engine=engine.name, model=str(engine.model_id), reason=self.reason,
+                       sample_rate=engine.sample_rate, cloning=engine.supports_cloning,
+                       batched=bool(self.settings.batch and engine.supports_cloning))
+        elif self.state == "failed":
+            out["reason"] = self.load_error
+        elif self.settings.lazy_load and self.state == "starting":
+            out["reason"] = "the model loads on the first request (lazy_load)"
+        else:
+            out["reason"] = "the model is loading"
+        return out
+
+    def load_piper(self) -> SpeechEngine:
+        """The embedded engine (also what makes the generated `default` voice)."""
+        from ..engine.piper import PiperEngine
+
+        return PiperEngine.load(self.settings.piper_voice, threads=self.settings.threads)
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    # ------------------------------------------------------------------ loading (a worker thread)
+
+    def _begin_load(self) -> None:
+        if self._load_task is None:
+            self.state = "loading"
+            self._load_task = asyncio.get_running_loop().run_in_executor(self.executor, self._load_engine)
+            loaded = self._loaded
+            assert loaded is not None
+            self._load_task.add_done_callback(lambda _: loaded.set())
+
+    def _load_engine(self) -> None:
+        s = self.settings
+        try:
+            if s.threads:
+                import torch
+
+                torch.set_num_threads(s.threads)
+            if s.engine == "piper":
+                self._serve(self.load_piper(), "engine = piper")
+                return
+            if s.checkpoint:
+                try:
+                    self._serve(self._load_qwen3(), f"Qwen3-TTS checkpoint {s.checkpoint}")
+                    return
+                except Exception as e:
+                    if s.engine == "qwen3":
+                        raise
+                    reason = f"the Qwen3-TTS checkpoint {s.checkpoint} did not load ({e})"
+            elif s.engine == "qwen3":
+                raise EngineUnavailable("engine = qwen3 needs a checkpoint: --checkpoint PATH_OR_REPO "
+                                        "(or MAKIMA_TTS_CHECKPOINT)")
+            else:
+                reason = "no Qwen3-TTS checkpoint configured (--checkpoint or MAKIMA_TTS_CHECKPOINT)"
+            try:
+                engine = self.load_piper()
+            except Exception as e:
+                raise EngineUnavailable(f"{reason}, and the embedded engine is not available ({e}); "
+                                        "install it with pip install 'makima-tts[piper]' or configure a checkpoint") from e
+            log.warning("engine: embedded Piper voice %r, because %s", engine.model_id, reason)
+            self._serve(engine, reason)
+        except Exception as e:
+            self.state = "failed"
+            self.load_error = e.message if isinstance(e, MakimaError) else f"{type(e).__name__}: {e}"
+            log.error("engine failed to load: %s", self.load_error)
+
+    def _load_qwen3(self):      # a Qwen3Engine or a BatchedEngine (they take a VoicePrompt as the voice)
+        from ..engine.qwen3 import Qwen3Engine
+
+        s = self.settings
+        engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
+                                  weights_cache=s.weights_cache if s.weights_cache is not None else "auto",
+                                  codec_dtype=s.codec_dtype)
+        log.info("Qwen3 weights: %s, from the %s, codec in %s, loaded in %.1f s", engine.load_info["quantize"],
+                 engine.load_info["weights"], engine.load_info["codec_dtype"], engine.load_info["load_s"])
+        if s.batch:
+            from ..engine.batch import BatchedEngine
+
+            return BatchedEngine(engine, max_batch=s.streams())
+        return engine
+
+    def _serve(self, engine: SpeechEngine, reason: str) -> None:
+        self.engine = engine
+        self.reason = reason
+        if self.on_ready is not None:
+            self.on_ready(engine)
+        self.state = "ready"
+        log.info("ready: engine %s (%s), because %s", engine.name, engine.model_id, reason)
