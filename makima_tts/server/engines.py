@@ -160,6 +160,7 @@ class EngineManager:
         from ..engine.qwen3 import Qwen3Engine
 
         s = self.settings
+        assert s.checkpoint is not None
         engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
                                   weights_cache=s.weights_cache if s.weights_cache is not None else "auto",
                                   codec_dtype=s.codec_dtype)
