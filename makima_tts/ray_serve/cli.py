@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, settings) -> int:
         return 0 if server.started else 3
     finally:
         try:
-            if deployed_here:
+            if deployed_here and not local:     # a local cluster goes as a whole below
                 serve.delete(_app_name())
             if local:
                 serve.shutdown()
