@@ -221,3 +221,28 @@ def test_voice_ref_names_library_voices_by_prompt_key():
     loose = VoicePrompt(speaker_embedding=torch.zeros(4))
     assert voice_ref(loose) == (("prompt", loose), "")
     assert voice_ref("joe") == (("builtin", "joe"), "") and voice_ref(None) == (None, "")
+
+
+@pytest.mark.parametrize("manifest", ["rayservice-cpu.yaml", "rayservice-gpu.yaml"])
+def test_kuberay_manifests_build_the_application(manifest):
+    """deploy/kuberay: the RayService's application builds with its args (autoscaling bounds, resources)."""
+    yaml = pytest.importorskip("yaml")
+    from makima_tts.ray_serve import APP_NAME
+    from makima_tts.ray_serve.app import build
+    from makima_tts.testing.server import SOURCE_ROOT
+
+    assert SOURCE_ROOT is not None
+    docs = list(yaml.safe_load_all((SOURCE_ROOT / "deploy" / "kuberay" / manifest).read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert app["name"] == APP_NAME and app["import_path"] == "makima_tts.ray_serve.app:build"
+    deployment = build(app["args"])._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    lo, hi = (int(x) for x in app["args"]["autoscale"].split(":"))
+    assert (scaling.min_replicas, scaling.max_replicas) == (lo, hi)
+    assert scaling.target_ongoing_requests == app["args"]["max_streams"]
+    engine_group = next(g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "engine")
+    assert engine_group["maxReplicas"] >= hi                      # room for MAX replicas, one per pod
+    assert ("num_gpus" in deployment.ray_actor_options) == ("gpu" in manifest)
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert "makima-voices" in claims
