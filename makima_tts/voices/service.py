@@ -116,8 +116,12 @@ class VoiceService:
         """The built-in voices first, then the library's (by id), `limit` of them from `offset`."""
         voices = [VoiceOut.builtin_voice(v) for v in self.builtin_voices()]
         voices += [VoiceOut.from_record(r) for r in self.library.list()]
+        try:
+            default = self.default_voice_info()
+        except Exception:                # an engine that cannot list its voices: the listing still answers
+            default = {"voice_id": self.default_voice, "reason": "the default_voice setting"}
         return VoiceList(voices=voices[offset:offset + limit], total=len(voices), limit=limit, offset=offset,
-                         default_voice=self.default_voice_info())
+                         default_voice=default)
 
     def get(self, voice_id: str) -> VoiceOut:
         validate_id(voice_id)
