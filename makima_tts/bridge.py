@@ -109,6 +109,11 @@ class Channel(Generic[T]):
         self._unlink = cancel.on_cancel(self._wake) if cancel is not None else _nothing
 
     @property
+    def ended(self) -> bool:
+        """The producer has ended it (end() or fail())."""
+        return self._ended
+
+    @property
     def gone(self) -> bool:
         """The consumer has gone or the token is cancelled: producing more is wasted."""
         return self._closed or (self.cancel is not None and self.cancel.cancelled)

@@ -41,7 +41,6 @@ from .codec import StreamingDecoder
 from .qwen3 import ChunkCutter, Qwen3Engine
 from .types import AudioChunk, CancelToken, GenerationSettings, VoicePrompt
 
-_END = object()                 # the scheduler's last item on a stream's channel (EOS, max_frames, cancel)
 _POLL_S = 0.05                  # the scheduler's longest wait for text or resume() before it looks again
 # With several rows, each row's codes are decoded every DECODE_EVERY frames (and at its chunk ends),
 # all due rows in one codec call: the codec is most of the work at 8 streams, and one call over B rows
@@ -55,27 +54,20 @@ class _Stream(Row):
 
     cancel: Optional[CancelToken] = None
     cutter: Optional[ChunkCutter] = None         # stream(): the frames are decoded on the scheduler's thread
-    out: "_Out" = field(default_factory=lambda: _Out())
-    closed: threading.Event = field(default_factory=threading.Event)    # it takes no more frames (error, consumer gone)
+    out: Channel = field(default_factory=Channel)     # unbounded: the scheduler never waits for a consumer
     submitted: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
 
     def gone(self) -> bool:
-        return self.closed.is_set() or self.out.gone
+        """Cancelled, its consumer went away, or it failed: it takes no more frames."""
+        return self.out.gone or self.out.ended
 
-
-class _Out(Channel):
-    """A stream's channel, the scheduler's side: `put` takes a frame or chunk, an exception (the stream
-    ends with it, raised to the consumer) or _END. Unbounded: the scheduler never waits for a consumer."""
-
-    def put(self, item) -> bool:
-        if item is _END:
-            self.end()
-        elif isinstance(item, BaseException):
-            self.fail(item)
+    def send(self, item) -> None:
+        """A frame or chunk to the consumer; an exception ends the stream with it (raised there)."""
+        if isinstance(item, BaseException):
+            self.out.fail(item)
         else:
-            return super().put(item)
-        return True
+            self.out.put(item)
 
 
 class BatchedEngine:
@@ -170,7 +162,7 @@ class BatchedEngine:
         row = self.engine.plan(text, voice, language, settings, cancel)
         if row is None:                          # cancelled while waiting for its text
             return None
-        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=_Out(cancel=cancel))
+        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=Channel(cancel=cancel))
         if s.feed is not None:
             s.feed.listen(self._poke)            # the scheduler waits for text as a row runs dry
         return s
@@ -224,10 +216,8 @@ class BatchedEngine:
     def _deliver(self, s: _Stream, stats: Optional[dict]) -> Iterator:
         """The stream's items as the scheduler hands them over, to its end, its error or its cancel."""
         try:
-            while (item := s.out.get()) is not Channel.DONE:
-                yield item
+            yield from s.out
         finally:
-            s.closed.set()
             s.out.close()
             self._poke()                         # the scheduler drops the row now, not at its next look
             if stats is not None:
@@ -246,7 +236,7 @@ class BatchedEngine:
         except BaseException as exc:               # a bug: fail every stream rather than hang them
             with self._cond:
                 for s in self._active + self._waiting:
-                    s.out.put(exc)
+                    s.out.fail(exc)
                 self._waiting = []
                 self._thread = None
                 self._gen = None
@@ -258,7 +248,7 @@ class BatchedEngine:
                 if self._closed:
                     err = EngineUnavailable("the batched engine was closed")
                     for s in self._active + self._waiting:
-                        s.out.put(err)
+                        s.out.fail(err)
                     self._waiting = []
                     if self._gen is not None:
                         self._gen.rows.clear()
@@ -299,8 +289,7 @@ class BatchedEngine:
         """A row's last chunk (its waiting frames and the decoder's tail); a decoding error ends that row only."""
         try:
             return s.cutter.finish()
-        except Exception as exc:            # noqa: BLE001 - delivered to the row's consumer
-            s.closed.set()
+        except Exception as exc:            # noqa: BLE001 - delivered to the row's consumer (send)
             return exc
 
     def _decode_due(self) -> None:
@@ -326,8 +315,7 @@ class BatchedEngine:
         share = (time.perf_counter() - t0) / len(due)
         for s, pcm in zip(due, pcms):
             if isinstance(pcm, Exception):
-                s.closed.set()
-                s.out.put(pcm)
+                s.out.fail(pcm)
                 continue
             chunk = s.cutter.decoded(pcm, share)
             if chunk is not None:
@@ -338,8 +326,8 @@ class BatchedEngine:
         self._waiting = [s for s in self._waiting if not s.gone()]
         for s in [s for s in self._active if s.gone() or s.finished]:
             if s.cutter is not None and not s.gone():
-                s.out.put(self._finish(s))
-            s.out.put(_END)
+                s.send(self._finish(s))             # the last chunk (its waiting frames, the decoder's tail)
+            s.out.end()
             self._gen.leave(s)
 
     def _join(self, joiners: list[_Stream]) -> None:
@@ -354,7 +342,7 @@ class BatchedEngine:
             self._gen.join(joiners)
         except Exception as exc:
             for s in joiners:
-                s.out.put(exc)
+                s.out.fail(exc)
             return
         dt = time.perf_counter() - t0
         for s in joiners:
@@ -371,7 +359,7 @@ class BatchedEngine:
             s.timings["predictor_s"] += dt
             s.timings["batch_rows_sum"] += b
             if s.cutter is None:
-                s.out.put(frame.clone())
+                s.send(frame.clone())
             else:
                 s.cutter.add(frame.clone())
         self._decode_due()
