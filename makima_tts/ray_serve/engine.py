@@ -21,7 +21,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledErr
 
 from ..bridge import CancelToken
 from ..engine.types import AudioChunk, GenerationSettings, VoiceInfo
-from ..errors import EngineUnavailable, MakimaError, NotReady
+from ..errors import EngineUnavailable, MakimaError
 from .registry import REPORT_S, get_registry
 
 log = logging.getLogger("makima_tts.ray")
@@ -200,10 +200,6 @@ class RayEngine:
     def _poll_loop(self) -> None:
         while not self._stop.wait(REPORT_S):
             self._poll()
-
-    def require_replica(self) -> None:
-        if not self.replicas():
-            raise NotReady("no engine replica is up yet; retry in a few seconds (GET /ready says when)")
 
 
 def _cause(e: RayTaskError) -> BaseException:
