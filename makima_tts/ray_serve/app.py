@@ -54,7 +54,8 @@ def engine_app(settings: Settings, replicas: int = 1, autoscale: Optional[tuple[
                                          "target_ongoing_requests": per}
     else:
         options["num_replicas"] = max(1, int(replicas))
-    deployment = serve.deployment(EngineReplica).options(**options)
+    deployment: Any = serve.deployment(EngineReplica)
+    deployment = deployment.options(**options)
     return deployment.bind(s.model_dump(mode="json"))
 
 

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger("makima_tts.ray")
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace, settings) -> int:
     address = os.environ.get("RAY_ADDRESS") or None
     quiet = settings.log_level.lower() not in ("debug", "info")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    local_opts = {"_node_ip_address": "127.0.0.1"} if address is None else {}   # a local cluster: loopback only
+    local_opts: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if address is None else {}   # a local cluster: loopback only
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING if quiet else logging.INFO,
              log_to_driver=not quiet, configure_logging=True, **local_opts)
     local = address is None

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Any, Optional
 
 from ray import serve
 
@@ -42,7 +42,7 @@ def load_engine(settings: Settings):
     if s.engine != "piper" and s.checkpoint:
         from ..engine.qwen3 import Qwen3Engine
 
-        engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
+        engine: Any = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
                                   weights_cache=s.weights_cache if s.weights_cache is not None else "auto",
                                   codec_dtype=s.codec_dtype)
         if s.batch:
@@ -137,6 +137,7 @@ class EngineReplica:
     async def voice(self, model_id: str):
         """A library voice's prompt, ready to speak (loaded once per replica; Serve keeps it)."""
         voice_id = model_id.split("@", 1)[0]
+        assert self.prompts is not None, "a voice of the library needs a cloning engine"
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self.pool, self.prompts.get, voice_id)
         self.voice_loads[voice_id] += 1
