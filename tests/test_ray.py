@@ -59,8 +59,8 @@ def server(tiny_checkpoint, voices_dir, tmp_path_factory):
                       "--max-streams", "2", "--max-queue", "16", "--max-text-chars", str(MAX_TEXT),
                       "--default-voice", "tester", log_path=log)
     try:
-        ready = s.wait_ready(timeout=300)
-        assert ready["ray"]["replicas"] == REPLICAS, ready
+        s.wait_ready(timeout=300)               # 200 once one replica has reported; both are up by then
+        assert wait_for(lambda: len(replicas(s)) == REPLICAS, 60), replicas(s)
         yield s
     finally:
         if s.proc.poll() is None:           # a clean exit takes the local Ray cluster down with it
