@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
+from .layers import apply_rope, rms_norm, rope_tables
 from .weights import Weights, read_json, read_safetensors
 
 Tensor = torch.Tensor
@@ -57,32 +58,6 @@ def _activation(name: str, source: str) -> Callable[[Tensor], Tensor]:
 # Shared transformer pieces
 # --------------------------------------------------------------------------------------------
 
-def rope_tables(head_dim: int, theta: float, start: int, length: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (length, head_dim) for positions start..start+length-1 (rotate-half layout).
-
-    Angles are computed in float32 as inv_freq * position, the way the reference does.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    angles = pos[:, None] * inv_freq[None, :]                      # (L, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)                   # (L, Dh)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, L, Dh); cos/sin: (L, Dh). Rotate-half RoPE."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """(B, L, H * Dh) -> (B, H, L, Dh)."""
     b, l, _ = x.shape
@@ -100,7 +75,7 @@ def _merge_heads(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class CodecEncoderConfig:
     """The Mimi encoder half of the codec (`encoder_config` in speech_tokenizer/config.json)."""
 
     sampling_rate: int = 24000
@@ -128,7 +103,7 @@ class EncoderConfig:
     frame_rate: float = 12.5
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
+    def from_dict(cls, d: dict) -> "CodecEncoderConfig":
         hidden = int(d.get("hidden_size", cls.hidden_size))
         heads = int(d.get("num_attention_heads", cls.num_attention_heads))
         return cls(
@@ -157,7 +132,7 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class CodecDecoderConfig:
     """The decoder half (`decoder_config` in speech_tokenizer/config.json)."""
 
     codebook_size: int = 2048
@@ -179,7 +154,7 @@ class DecoderConfig:
     decoder_dim: int = 1536
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DecoderConfig":
+    def from_dict(cls, d: dict) -> "CodecDecoderConfig":
         hidden = int(d.get("hidden_size", cls.hidden_size))
         heads = int(d.get("num_attention_heads", cls.num_attention_heads))
         return cls(
@@ -244,7 +219,7 @@ class _ResnetBlock:
 class _EncoderLayer:
     """Pre-LayerNorm transformer layer with layer scale, full causal attention and RoPE."""
 
-    def __init__(self, w: Weights, cfg: EncoderConfig):
+    def __init__(self, w: Weights, cfg: CodecEncoderConfig):
         self.cfg = cfg
         self.ln1 = (w["input_layernorm.weight"], w["input_layernorm.bias"])
         self.ln2 = (w["post_attention_layernorm.weight"], w["post_attention_layernorm.bias"])
@@ -297,7 +272,7 @@ class _RVQEncoder:
 class CodecEncoder:
     """wav (1, 1, S) -> codes (T, num_codebooks), T = ceil(S / 1920)."""
 
-    def __init__(self, w: Weights, cfg: EncoderConfig, num_codebooks: int):
+    def __init__(self, w: Weights, cfg: CodecEncoderConfig, num_codebooks: int):
         self.cfg = cfg
         pad = cfg.pad_mode
         if cfg.use_conv_shortcut:
@@ -327,7 +302,7 @@ class CodecEncoder:
         for f in self.conv_stack:
             x = f(x)                                             # -> (1, hidden, ceil(S / 960))
         x = x.transpose(1, 2)                                    # (1, L, hidden)
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, 0, x.shape[1], x.dtype, x.device)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, 0, x.shape[1], x.device, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         x = self.downsample(x.transpose(1, 2))                   # (1, hidden, T)
@@ -497,7 +472,7 @@ class _UpsampleBlock:
 class _DecoderLayer:
     """Pre-RMSNorm transformer layer with layer scale, sliding-window causal attention, SwiGLU."""
 
-    def __init__(self, w: Weights, cfg: DecoderConfig):
+    def __init__(self, w: Weights, cfg: CodecDecoderConfig):
         self.cfg = cfg
         self.norm1, self.norm2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
         a = w.sub("self_attn.")
@@ -571,7 +546,7 @@ def _rows_window_mask(n: int, past: int, history: list[int], window: int, device
 class CodecDecoder:
     """codes (B, n, Q) + state -> wav (B, n * 1920): the next n frames of a stream."""
 
-    def __init__(self, w: Weights, cfg: DecoderConfig):
+    def __init__(self, w: Weights, cfg: CodecDecoderConfig):
         self.cfg = cfg
         q = w.sub("quantizer.")
         self.codebooks = []                                      # Q x (K, D/2)
@@ -636,8 +611,8 @@ class CodecDecoder:
         """cos/sin for n new frames of each row: (n, Dh) when the rows share their position, else (B, 1, n, Dh)."""
         cfg = self.cfg
         if len(set(frames)) == 1:
-            return rope_tables(cfg.head_dim, cfg.rope_theta, frames[0], n, dtype, device)
-        tables = [rope_tables(cfg.head_dim, cfg.rope_theta, f, n, dtype, device) for f in frames]
+            return rope_tables(cfg.head_dim, cfg.rope_theta, frames[0], n, device, dtype)
+        tables = [rope_tables(cfg.head_dim, cfg.rope_theta, f, n, device, dtype) for f in frames]
         return torch.stack([c for c, _ in tables])[:, None], torch.stack([s for _, s in tables])[:, None]
 
 
@@ -689,7 +664,7 @@ class Codec:
     # which bounds its memory: ~10 MB of activations per audio second per tensor at full size.
     decode_chunk_frames: int = 150
 
-    def __init__(self, decoder: CodecDecoder, encoder_config: EncoderConfig, *, sample_rate: int,
+    def __init__(self, decoder: CodecDecoder, encoder_config: CodecEncoderConfig, *, sample_rate: int,
                  frame_samples: int, num_codebooks: int, source: str, device: torch.device, dtype: torch.dtype):
         self.decoder, self.encoder_config = decoder, encoder_config
         self.sample_rate, self.frame_samples, self.num_codebooks = sample_rate, frame_samples, num_codebooks
@@ -705,8 +680,8 @@ class Codec:
         cfg = read_json(folder / "config.json")
         source = str(folder / "model.safetensors")
         try:
-            enc_cfg = EncoderConfig.from_dict(cfg.get("encoder_config") or {})
-            dec_cfg = DecoderConfig.from_dict(cfg.get("decoder_config") or {})
+            enc_cfg = CodecEncoderConfig.from_dict(cfg.get("encoder_config") or {})
+            dec_cfg = CodecDecoderConfig.from_dict(cfg.get("decoder_config") or {})
             num_codebooks = int(cfg.get("encoder_valid_num_quantizers", 16))
             in_sr, out_sr = int(cfg.get("input_sample_rate", 24000)), int(cfg.get("output_sample_rate", 24000))
             hop = int(cfg.get("decode_upsample_rate", dec_cfg.samples_per_frame))

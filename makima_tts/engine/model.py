@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import apply_rope, rms_norm, rope_tables
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -61,12 +63,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:             # one fused op (the same arithmetic)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -111,21 +108,6 @@ class KVCache:
         """Row `src`'s first `length` positions into row `dst` (a leaving row's slot is refilled)."""
         self.k[dst, :, :length] = self.k[src, :, :length]
         self.v[dst, :, :length] = self.v[src, :, :length]
-
-
-def rope_tables(head_dim: int, theta: float, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [0, max_len): (max_len, head_dim), float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    freqs = torch.arange(max_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (b, heads, t, d); cos/sin: (b, 1, t, d) already in x's dtype
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 @dataclass
@@ -219,7 +201,7 @@ class Cache:
         new_len = self.length
         if length > self.length:
             new_len = -(-max(length, int(self.length * 1.5)) // 64) * 64
-            cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, new_len, self.device)
+            cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, 0, new_len, self.device)
             self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
         if not self.layers:
             self.layers = [KVCache(new_rows, cfg.num_kv_heads, new_len, cfg.head_dim, self.dtype, self.device)
