@@ -37,7 +37,7 @@ def pct(xs, q):
 
 
 def run_streams(target, voice, n, frames, first_chunk, decode):
-    from makima_tts.engine.types import GenerationSettings, SamplingParams
+    from makima_tts.engine.types import GenerationSettings, GenerationStats, SamplingParams
 
     results = [None] * n
     errors = []
@@ -46,7 +46,7 @@ def run_streams(target, voice, n, frames, first_chunk, decode):
     def one(i):
         settings = GenerationSettings(talker=SamplingParams(repetition_penalty=1.05), predictor=SamplingParams(),
                                       seed=100 + i, max_frames=frames, first_chunk_frames=first_chunk)
-        stats: dict = {}
+        stats = GenerationStats()
         start.wait()
         t0 = time.perf_counter()
         try:
@@ -60,16 +60,16 @@ def run_streams(target, voice, n, frames, first_chunk, decode):
                 for _ in target.frames(TEXTS[i % len(TEXTS)], voice, "english", settings, stats=stats):
                     got += 1
                     if got == first_chunk:
-                        stats["ttfa_s"] = time.perf_counter() - t0
-                stats["frames"] = got
+                        stats.ttfa_s = time.perf_counter() - t0
+                stats.frames = got
                 audio_s = got * 0.08
         except BaseException as e:      # noqa: BLE001
             errors.append(repr(e))
             return
         total = time.perf_counter() - t0
-        nf = stats["frames"]
-        results[i] = dict(audio_s=audio_s, total_s=total, ttfa_s=stats["ttfa_s"], frames=nf,
-                          frame_ms=1000 * (total - stats["ttfa_s"]) / max(nf - first_chunk, 1))
+        nf = stats.frames or 0
+        results[i] = dict(audio_s=audio_s, total_s=total, ttfa_s=stats.ttfa_s, frames=nf,
+                          frame_ms=1000 * (total - (stats.ttfa_s or 0.0)) / max(nf - first_chunk, 1))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:

@@ -55,7 +55,7 @@ def run_ours(args) -> dict:
     import torch
 
     from makima_tts.engine.qwen3 import Qwen3Engine
-    from makima_tts.engine.types import GenerationSettings, SamplingParams
+    from makima_tts.engine.types import GenerationSettings, GenerationStats, SamplingParams
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -73,25 +73,25 @@ def run_ours(args) -> dict:
     # Warm up to the steady state: the first pass over freshly loaded (or quantized) weights runs
     # several times slower here (page faults of a VM's memory), and would swamp a short run.
     list(engine.stream(TEXT, voice, "english", GenerationSettings(max_frames=args.warmup_frames, seed=0)))
-    stats: dict = {}
+    stats = GenerationStats()
     samples = 0
     t0 = time.perf_counter()
     for chunk in engine.stream(TEXT, voice, "english", settings, stats=stats):
         samples += len(chunk.pcm)
     total = time.perf_counter() - t0
-    frames = stats["frames"]
+    frames = stats.frames or 0
     audio_s = samples / engine.sample_rate
     batch = None
     if args.batch:
         batch = run_batch(engine, voice, args)
     return dict(batch=batch, device=str(engine.device),
         frames=frames, audio_s=round(audio_s, 3),
-        frame_ms=round(1000 * (stats["talker_s"] + stats["predictor_s"]) / max(frames - 1, 1), 1),
-        talker_ms=round(1000 * stats["talker_s"] / max(frames - 1, 1), 1),
-        predictor_ms=round(1000 * stats["predictor_s"] / frames, 1),
-        prefill_s=round(stats["prefill_s"], 3),
-        decode_s_per_audio_s=round(stats["decode_s"] / audio_s, 3),
-        ttfa_s=round(stats["ttfa_s"], 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
+        frame_ms=round(1000 * (stats.talker_s + stats.predictor_s) / max(frames - 1, 1), 1),
+        talker_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1),
+        predictor_ms=round(1000 * stats.predictor_s / frames, 1),
+        prefill_s=round(stats.prefill_s, 3),
+        decode_s_per_audio_s=round(stats.decode_s / audio_s, 3),
+        ttfa_s=round(stats.ttfa_s or 0.0, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
         prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
         peak_rss_mb=round(peak_rss_mb()), quantize=engine.quantize,
         weights=getattr(engine, "load_info", {}).get("weights"),

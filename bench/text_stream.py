@@ -30,7 +30,7 @@ WORDS = ("so here is a reply that a language model is writing one word at a time
 
 
 def first_audio(engine, voice, words, interval, frames, token_mode: bool) -> dict:
-    from makima_tts.engine.types import GenerationSettings, SamplingParams
+    from makima_tts.engine.types import GenerationSettings, GenerationStats, SamplingParams
 
     settings = GenerationSettings(talker=SamplingParams(repetition_penalty=1.05), predictor=SamplingParams(),
                                   seed=1, max_frames=frames)
@@ -51,14 +51,14 @@ def first_audio(engine, voice, words, interval, frames, token_mode: bool) -> dic
         feed.wait(lambda ids, closed: closed)
         text = feed.text
     t_text = time.perf_counter() - t0
-    stats: dict = {}
+    stats = GenerationStats()
     chunks = engine.stream(text, voice, "english", settings, stats=stats)      # a str or the TextFeed
     first = None
     for c in chunks:
         if first is None and len(c.pcm):
             first = time.perf_counter() - t0
     return {"first_audio_s": round(first, 3), "text_complete_s": None if token_mode else round(t_text, 3),
-            "frames": stats.get("frames")}
+            "frames": stats.frames}
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from makima_tts.engine.batch import BatchedEngine
 from makima_tts.engine.generate import FrameGenerator
-from makima_tts.engine.types import CancelToken, GenerationSettings, SamplingParams
+from makima_tts.engine.types import CancelToken, GenerationSettings, GenerationStats, SamplingParams
 from makima_tts.errors import EmptyText, EngineUnavailable, UnknownLanguage, VoiceNotFound
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are you today?",
@@ -212,7 +212,7 @@ def test_stream_chunks_equal_unbatched(engine, voice, xvoice, batched):
     s = GenerationSettings.greedy_settings(max_frames=17, first_chunk_frames=2, chunk_frames=6)
     want = list(engine.stream(TEXTS[0], voice, "english", s))
     other = Runner(batched, TEXTS[1], xvoice, greedy(30))
-    stats: dict = {}
+    stats = GenerationStats()
     got = list(batched.stream(TEXTS[0], voice, "english", s, stats=stats))
     other.codes()
     assert [(c.index, c.frame_index, c.num_frames, c.is_last) for c in got] == \
@@ -220,7 +220,7 @@ def test_stream_chunks_equal_unbatched(engine, voice, xvoice, batched):
     assert [c.num_frames for c in got] == [2, 6, 6, 3]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.pcm, b.pcm)
-    assert stats["frames"] == 17 and stats["ttfa_s"] > 0 and stats["prefill_s"] > 0
+    assert stats.frames == 17 and stats.ttfa_s > 0 and stats.prefill_s > 0
 
 
 def test_cancel_stops_everything(engine, voice, xvoice):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from makima_tts.engine.qwen3 import Qwen3Engine
-from makima_tts.engine.types import CancelToken, GenerationSettings, VoicePrompt
+from makima_tts.engine.types import CancelToken, GenerationSettings, GenerationStats, VoicePrompt
 from makima_tts.errors import CheckpointError, EmptyText, InvalidAudio, UnknownLanguage
 from makima_tts.testing import REF_TEXT
 
@@ -105,16 +105,16 @@ def test_chunks_arrive_frame_by_frame(engine, voice):
 def test_stream_yields_before_generation_ends(engine, voice):
     """The first chunk is handed over while later frames are still to be generated."""
     seen = []
-    stats: dict = {}
+    stats = GenerationStats()
     stream = engine.stream(TEXT, voice, "english", greedy(first_chunk_frames=1, chunk_frames=1), stats=stats)
     first = next(stream)
-    seen.append(stats.get("frames"))        # not set until the generator finishes
+    seen.append(stats.frames)        # not set until the generator finishes
     rest = list(stream)
     # one chunk per frame; the last chunk (is_last) may carry no new frame, only the decoder's tail
     assert first.num_frames == 1 and seen == [None]
     assert sum(c.num_frames for c in rest) == MAX_NEW_TOKENS - 2 and rest[-1].is_last
     assert all(c.num_frames == 1 for c in rest[:-1])
-    assert stats["frames"] == MAX_NEW_TOKENS - 1
+    assert stats.frames == MAX_NEW_TOKENS - 1
 
 
 def test_seeded_sampling_is_reproducible(engine, voice):
@@ -129,7 +129,7 @@ def test_seeded_sampling_is_reproducible(engine, voice):
 
 def test_cancel_stops_between_frames(engine, voice):
     cancel = CancelToken()
-    stats: dict = {}
+    stats = GenerationStats()
     got = []
     for chunk in engine.stream(TEXT, voice, "english", greedy(first_chunk_frames=1, chunk_frames=1),
                                cancel=cancel, stats=stats):
@@ -137,16 +137,16 @@ def test_cancel_stops_between_frames(engine, voice):
         if len(got) == 3:
             cancel.cancel()
     assert len(got) == 3 and not any(c.is_last for c in got)
-    assert stats["frames"] == 3
+    assert stats.frames == 3
 
 
 def test_closing_the_stream_stops_generation(engine, voice):
-    stats: dict = {}
+    stats = GenerationStats()
     stream = engine.stream(TEXT, voice, "english", greedy(first_chunk_frames=1, chunk_frames=1), stats=stats)
     next(stream)
     next(stream)
     stream.close()
-    assert stats["frames"] == 2
+    assert stats.frames == 2
 
 
 def test_stops_at_eos(engine, voice):

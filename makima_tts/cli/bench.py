@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..audio import read_audio
     from ..engine.qwen3 import Qwen3Engine
-    from ..engine.types import GenerationSettings, SamplingParams
+    from ..engine.types import GenerationSettings, GenerationStats, SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,18 +66,18 @@ def run(args: argparse.Namespace) -> int:
     list(engine.stream("Warm up.", voice, "english", GenerationSettings(max_frames=2, seed=0)))
     rows = []
     for _ in range(args.runs):
-        stats: dict = {}
+        stats = GenerationStats()
         samples = 0
         t0 = time.perf_counter()
         for chunk in engine.stream(args.text, voice, "english", settings, stats=stats):
             samples += len(chunk.pcm)
         total = time.perf_counter() - t0
         audio_s = samples / engine.sample_rate
-        frames = max(stats.get("frames", 1), 1)
+        frames = max(stats.frames or 1, 1)
         rows.append({"frames": frames, "audio_s": round(audio_s, 2),
-                     "frame_ms": round(1000 * (stats.get("talker_s", 0) + stats.get("predictor_s", 0)) / frames, 1),
-                     "decode_s_per_audio_s": round(stats.get("decode_s", 0) / max(audio_s, 1e-9), 3),
-                     "ttfa_s": round(stats.get("ttfa_s", float("nan")), 3), "rtf": round(total / max(audio_s, 1e-9), 3)})
+                     "frame_ms": round(1000 * (stats.talker_s + stats.predictor_s) / frames, 1),
+                     "decode_s_per_audio_s": round(stats.decode_s / max(audio_s, 1e-9), 3),
+                     "ttfa_s": round(stats.ttfa_s if stats.ttfa_s is not None else float("nan"), 3), "rtf": round(total / max(audio_s, 1e-9), 3)})
     result = {"checkpoint": str(args.checkpoint), "device": args.device, "dtype": args.dtype,
               "quantize": args.quantize, "threads": torch.get_num_threads(), "load_s": round(load_s, 2),
               "prompt_s": round(prompt_s, 3),

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..engine.types import LANGUAGES
+from ..engine.types import LANGUAGES, GenerationStats
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise InvalidAudio("a voice is needed: pass --ref-audio (with --ref-text or --x-vector-only) or --voice-prompt")
     settings = settings_from_args(args, engine.defaults)
-    stats: dict = {}
+    stats = GenerationStats()
     if args.output == "-":
         for chunk in engine.stream(text, voice, args.language, settings, stats=stats):
             sys.stdout.buffer.write(chunk.pcm.astype(np.float32).tobytes())
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     with sf.SoundFile(args.output, "w", samplerate=engine.sample_rate, channels=1, subtype="PCM_16") as out:
         for chunk in engine.stream(text, voice, args.language, settings, stats=stats):
             out.write(chunk.pcm)
-    seconds = stats.get("frames", 0) * 0.08
-    print(f"wrote {args.output}: {seconds:.2f} s of audio in {stats.get('total_s', 0):.2f} s "
-          f"(first audio after {stats.get('ttfa_s', 0):.2f} s)", file=sys.stderr)
+    seconds = (stats.frames or 0) * 0.08
+    print(f"wrote {args.output}: {seconds:.2f} s of audio in {stats.total_s or 0:.2f} s "
+          f"(first audio after {stats.ttfa_s or 0:.2f} s)", file=sys.stderr)
     return 0

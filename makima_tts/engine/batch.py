@@ -39,7 +39,7 @@ from ..errors import EngineUnavailable, VoiceNotFound
 from .generate import FrameGenerator, Row
 from .codec import StreamingDecoder
 from .qwen3 import ChunkCutter, Qwen3Engine
-from .types import AudioChunk, CancelToken, GenerationSettings, VoicePrompt
+from .types import AudioChunk, CancelToken, GenerationSettings, GenerationStats, VoicePrompt
 
 _POLL_S = 0.05                  # the scheduler's longest wait for text or resume() before it looks again
 # With several rows, each row's codes are decoded every DECODE_EVERY frames (and at its chunk ends),
@@ -56,7 +56,7 @@ class _Stream(Row):
     cutter: Optional[ChunkCutter] = None         # stream(): the frames are decoded on the scheduler's thread
     out: Channel = field(default_factory=Channel)     # unbounded: the scheduler never waits for a consumer
     submitted: float = field(default_factory=time.perf_counter)
-    timings: dict = field(default_factory=dict)
+    timings: GenerationStats = field(default_factory=GenerationStats)
 
     def gone(self) -> bool:
         """Cancelled, its consumer went away, or it failed: it takes no more frames."""
@@ -184,7 +184,7 @@ class BatchedEngine:
 
     def frames(self, text: str, voice: VoicePrompt, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
-               stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
+               stats: Optional[GenerationStats] = None) -> Iterator[torch.Tensor]:
         """Codec frames (16,) int64 as the scheduler makes them (like Qwen3Engine.frames)."""
         settings = settings or self.engine.defaults
         s = self._request(text, voice, language, settings, cancel)
@@ -195,11 +195,11 @@ class BatchedEngine:
 
     def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
-               stats: Optional[dict] = None) -> Iterator[AudioChunk]:
+               stats: Optional[GenerationStats] = None) -> Iterator[AudioChunk]:
         """Audio chunks as Qwen3Engine.stream cuts them (the same samples), decoded on the scheduler's
         thread: one thread does all of the compute, so the 2 cores are not shared by several thread pools."""
         settings = settings or self.engine.defaults
-        stats = stats if stats is not None else {}
+        stats = stats if stats is not None else GenerationStats()
         t_start = time.perf_counter()
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
@@ -213,7 +213,7 @@ class BatchedEngine:
         finally:
             s.cutter.close()
 
-    def _deliver(self, s: _Stream, stats: Optional[dict]) -> Iterator:
+    def _deliver(self, s: _Stream, stats: Optional[GenerationStats]) -> Iterator:
         """The stream's items as the scheduler hands them over, to its end, its error or its cancel."""
         try:
             yield from s.out
@@ -221,7 +221,8 @@ class BatchedEngine:
             s.out.close()
             self._poke()                         # the scheduler drops the row now, not at its next look
             if stats is not None:
-                stats.update(s.timings)
+                for name in ("queue_s", "prefill_s", "talker_s", "predictor_s", "batch_rows_sum"):
+                    setattr(stats, name, getattr(s.timings, name))
 
     def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
                    settings: Optional[GenerationSettings] = None):
@@ -346,8 +347,9 @@ class BatchedEngine:
             return
         dt = time.perf_counter() - t0
         for s in joiners:
-            s.timings.update(queue_s=t0 - s.submitted, prefill_s=dt, talker_s=0.0, predictor_s=0.0,
-                             batch_rows_sum=0)
+            s.timings.queue_s, s.timings.prefill_s = t0 - s.submitted, dt
+            s.timings.talker_s = s.timings.predictor_s = 0.0
+            s.timings.batch_rows_sum = 0
 
     def _frame(self) -> None:
         gen = self._gen
@@ -356,8 +358,8 @@ class BatchedEngine:
         done = gen.complete()                       # [(row, frame)] of rows that had no frame pending
         dt = time.perf_counter() - t1
         for s, frame in done:
-            s.timings["predictor_s"] += dt
-            s.timings["batch_rows_sum"] += b
+            s.timings.predictor_s += dt
+            s.timings.batch_rows_sum += b
             if s.cutter is None:
                 s.send(frame.clone())
             else:
@@ -375,7 +377,7 @@ class BatchedEngine:
                 moved = gen.advance()
                 dt = time.perf_counter() - t3
                 for s in gen.rows:
-                    s.timings["talker_s"] += dt
+                    s.timings.talker_s += dt
                 if not moved and not done:           # every row waits for its text
                     with self._cond:
                         if not self._closed and not self._waiting:

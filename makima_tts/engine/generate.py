@@ -21,7 +21,7 @@ import torch
 
 from .model import Talker
 from .sampling import apply_repetition_penalty, choose
-from .types import CancelToken, SamplingParams, VoicePrompt
+from .types import CancelToken, GenerationStats, SamplingParams, VoicePrompt
 
 
 @dataclass(frozen=True)
@@ -197,15 +197,24 @@ class TextFeed:
         for fn in listeners:
             fn()
 
-    def wait(self, ready: Callable[[list[int], bool], bool], cancel: Optional[CancelToken] = None,
-             poll_s: float = 0.05) -> bool:
-        """Block until ready(ids, closed) or cancel; -> whether ready."""
+    def wait(self, ready: Callable[[list[int], bool], bool], cancel: Optional[CancelToken] = None) -> bool:
+        """Block until ready(ids, closed) or cancel; -> whether ready. Woken by each push or close and by
+        the cancel itself (no polling)."""
+        forget = cancel.on_cancel(self._wake) if cancel is not None else None
+        try:
+            with self._cond:
+                while not ready(self._ids, self.closed):
+                    if cancel is not None and cancel.cancelled:
+                        return False
+                    self._cond.wait()
+                return True
+        finally:
+            if forget is not None:
+                forget()
+
+    def _wake(self) -> None:
         with self._cond:
-            while not ready(self._ids, self.closed):
-                if cancel is not None and cancel.cancelled:
-                    return False
-                self._cond.wait(poll_s)
-            return True
+            self._cond.notify_all()
 
 
 _LAST_SPACE_RUN = re.compile(r"\s+(?=\S*$)")
@@ -418,7 +427,7 @@ class FrameGenerator:
 
 
 def generate_frames(gen: FrameGenerator, row: Row, cancel: Optional[CancelToken] = None,
-                    timings: Optional[dict] = None) -> Iterator[torch.Tensor]:
+                    timings: Optional[GenerationStats] = None) -> Iterator[torch.Tensor]:
     """One utterance as a batch of one: yield frames (G,) int64 until EOS, max_frames, or cancel
     (checked between frames); with a TextFeed, waits for its text as it runs dry."""
     import time
@@ -427,9 +436,7 @@ def generate_frames(gen: FrameGenerator, row: Row, cancel: Optional[CancelToken]
     t0 = clock()
     gen.join([row])
     if timings is not None:
-        timings["prefill_s"] = clock() - t0
-        timings.setdefault("talker_s", 0.0)
-        timings.setdefault("predictor_s", 0.0)
+        timings.prefill_s = clock() - t0
 
     def stopped() -> bool:
         return cancel is not None and cancel.cancelled
@@ -448,5 +455,5 @@ def generate_frames(gen: FrameGenerator, row: Row, cancel: Optional[CancelToken]
         t3 = clock()
         gen.advance()
         if timings is not None:
-            timings["predictor_s"] += t2 - t1
-            timings["talker_s"] += clock() - t3
+            timings.predictor_s += t2 - t1
+            timings.talker_s += clock() - t3

@@ -29,7 +29,7 @@ from .model import Talker
 from .speaker import SpeakerEncoder
 from .tokenizer import TextTokenizer
 from .weights import SafetensorsFile
-from .types import AudioChunk, check_language, CancelToken, GenerationSettings, SamplingParams, VoiceInfo, VoicePrompt
+from .types import AudioChunk, check_language, CancelToken, GenerationSettings, GenerationStats, SamplingParams, VoiceInfo, VoicePrompt
 
 SAMPLE_RATE = 24000
 
@@ -78,16 +78,15 @@ def prepare_reference(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ChunkCutter:
     """Frames of codes in, AudioChunks out through a streaming codec decoder: the first chunk after
     `first_chunk_frames` frames, then every `chunk_frames`; `finish()` gives the last (is_last), which
-    carries the decoder's tail and may hold no new frame. Fills stats: decode_s, ttfa_s, frames, total_s.
+    carries the decoder's tail and may hold no new frame. Fills its GenerationStats: decode_s, ttfa_s, frames, total_s.
 
     Alone (`decode_chunks`), `push` decodes each chunk's frames in one call. The batched scheduler
     instead `add`s frames, decodes the codes of every row that is `due` in one shared codec call
     (`StreamingDecoder.push_many`) and hands each row its samples with `decoded`; the chunks are the
     same either way."""
 
-    def __init__(self, decoder, settings: GenerationSettings, stats: dict, t_start: float):
+    def __init__(self, decoder, settings: GenerationSettings, stats: GenerationStats, t_start: float):
         self.decoder, self.stats, self.t_start = decoder, stats, t_start
-        stats.setdefault("decode_s", 0.0)
         self.codes: list[torch.Tensor] = []       # frames not decoded yet
         self.pcm: list[np.ndarray] = []           # decoded samples not sent yet
         self.buffered = 0                         # frames in self.pcm
@@ -122,7 +121,7 @@ class ChunkCutter:
 
     def decoded(self, pcm: np.ndarray, seconds: float) -> Optional[AudioChunk]:
         """The samples of the codes last taken; the chunk when it is complete."""
-        self.stats["decode_s"] += seconds
+        self.stats.decode_s += seconds
         self.pcm.append(pcm)
         self.buffered += self.taken
         if self.buffered < self.want:
@@ -138,19 +137,19 @@ class ChunkCutter:
                 self.pcm.append(self.decoder.push(codes))
                 self.buffered += codes.shape[0]
             self.pcm.append(self.decoder.flush())
-        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats.decode_s += time.perf_counter() - t0
         return self._emit(last=True)
 
     def close(self) -> None:
-        self.stats["frames"] = self.frame_index
-        self.stats["total_s"] = time.perf_counter() - self.t_start
+        self.stats.frames = self.frame_index
+        self.stats.total_s = time.perf_counter() - self.t_start
 
     def _emit(self, last: bool) -> AudioChunk:
         pcm = np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)
         chunk = AudioChunk(pcm=pcm.astype(np.float32, copy=False), sample_rate=SAMPLE_RATE, index=self.index,
                            frame_index=self.frame_index, num_frames=self.buffered, is_last=last)
         if self.index == 0:
-            self.stats["ttfa_s"] = time.perf_counter() - self.t_start
+            self.stats.ttfa_s = time.perf_counter() - self.t_start
         self.index += 1
         self.frame_index += self.buffered
         self.pcm, self.buffered = [], 0
@@ -158,7 +157,7 @@ class ChunkCutter:
 
 
 def decode_chunks(frames: Iterator[torch.Tensor], decoder, settings: GenerationSettings,
-                  cancel: Optional[CancelToken], stats: dict, t_start: float) -> Iterator[AudioChunk]:
+                  cancel: Optional[CancelToken], stats: GenerationStats, t_start: float) -> Iterator[AudioChunk]:
     """Frames of codes -> AudioChunks (see ChunkCutter); nothing after a cancel."""
     cut = ChunkCutter(decoder, settings, stats, t_start)
     try:
@@ -285,7 +284,7 @@ class Qwen3Engine:
 
     def frames(self, text: "str | TextFeed", voice: VoicePrompt, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
-               stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
+               stats: Optional[GenerationStats] = None) -> Iterator[torch.Tensor]:
         """Codec frames (16,) int64 as they are generated (a batch of one). `text` may be a TextFeed
         (see new_feed): generation starts once the voice has the tokens it needs and waits for the
         text as it runs dry; the codes are those of the whole text."""
@@ -361,7 +360,7 @@ class Qwen3Engine:
 
     def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
-               stats: Optional[dict] = None) -> Iterator[AudioChunk]:
+               stats: Optional[GenerationStats] = None) -> Iterator[AudioChunk]:
         """Audio chunks (float32, 24 kHz) as frames are generated; the last has is_last=True."""
         if voice is None:
             from ..errors import VoiceNotFound
@@ -370,7 +369,7 @@ class Qwen3Engine:
         if not isinstance(voice, VoicePrompt):
             raise TypeError("the Qwen3 engine needs a VoicePrompt (see create_voice_prompt)")
         settings = settings or self.defaults
-        stats = stats if stats is not None else {}
+        stats = stats if stats is not None else GenerationStats()
         t_start = time.perf_counter()
         frames = self.frames(text, voice, language, settings, cancel, stats)
         return decode_chunks(frames, self._streaming_decoder(voice), settings, cancel, stats, t_start)

@@ -85,6 +85,22 @@ _SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_pe
 
 
 @dataclass
+class GenerationStats:
+    """Where one utterance's time went, filled by the engine when the caller passes one (`stats=`):
+    bench/, `say` and `bench` read it. Seconds since the request unless said otherwise."""
+
+    frames: Optional[int] = None       # frames generated (set when the stream ends)
+    ttfa_s: Optional[float] = None     # first audio chunk ready
+    total_s: Optional[float] = None    # the stream ended
+    prefill_s: float = 0.0             # the prompt's forward pass
+    talker_s: float = 0.0              # talker steps (summed)
+    predictor_s: float = 0.0           # code predictor steps (summed)
+    decode_s: float = 0.0              # codec decoding (summed; a shared call is split between its rows)
+    queue_s: float = 0.0               # batched: waiting for a row
+    batch_rows_sum: int = 0            # batched: rows in the batch, summed over this stream's frames
+
+
+@dataclass
 class AudioChunk:
     """A piece of an utterance: float32 mono PCM in [-1, 1]."""
 
