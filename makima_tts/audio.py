@@ -11,7 +11,7 @@ All PCM here is float32 mono in [-1, 1] unless said otherwise.
 * `to_mono_f32(pcm)`: any PCM array to mono float32 (the one normaliser: integers scaled by
   their type's full scale), and the one policy for reference clips: `check_clip_length`
   (MIN_CLIP_SECONDS .. MAX_CLIP_SECONDS, RECOMMENDED_CLIP_SECONDS).
-* `time_stretch(pcm, sr, speed)`: tempo change that keeps the pitch (WSOLA, numpy only).
+* `time_stretch(pcm, sr, speed)`: tempo change that keeps the pitch (FFmpeg's atempo, needs PyAV).
 """
 from __future__ import annotations
 
@@ -595,13 +595,27 @@ def _decode(raw: bytes, fmt: str, budget: DecodeBudget) -> tuple[np.ndarray, int
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 
+# One FFmpeg `atempo` instance takes 0.5..2.0 in every FFmpeg version (newer ones take up to 100,
+# but skip input above 2.0); outside that range the change is split over a chain of instances.
+_ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0
+_STRETCH_FRAME = 4096           # samples per frame pushed into the filter graph
+_STRETCH_TAIL_S = 0.1           # silence appended so the filter's windows emit the input's very end
+
+
+def _atempo_factors(speed: float) -> list[float]:
+    """`speed` as a product of equal factors, each within what one atempo instance accepts."""
+    n = 1
+    while not (_ATEMPO_MIN <= speed ** (1.0 / n) <= _ATEMPO_MAX):
+        n += 1
+    return [speed ** (1.0 / n)] * n
+
+
 def time_stretch(pcm: np.ndarray, sr: int, speed: float) -> np.ndarray:
     """Play `pcm` `speed` times faster (0.25..4.0) without changing its pitch.
 
-    WSOLA (waveform-similarity overlap-add): 30 ms Hann frames at 50% overlap are taken from the
-    input at `speed` times the output hop, each shifted by up to +-10 ms to line up with the
-    natural continuation of the previous frame, then overlap-added. Output length is
-    round(len(pcm) / speed).
+    FFmpeg's `atempo` filter (WSOLA) through PyAV: abuffer -> atempo (chained when the speed is
+    outside 0.5..2.0) -> abuffersink, flushed at the end. Output is mono float32 of length exactly
+    round(len(pcm) / speed) (the filter's tail trimmed or zero-padded). Each call is independent.
     """
     speed = float(speed)
     if not (MIN_SPEED <= speed <= MAX_SPEED) or not np.isfinite(speed):
@@ -611,40 +625,45 @@ def time_stretch(pcm: np.ndarray, sr: int, speed: float) -> np.ndarray:
     if abs(speed - 1.0) < 1e-6 or len(x) == 0:
         return x.copy()
 
-    win = max(16, int(round(0.030 * sr)) // 2 * 2)
-    hop = win // 2
-    tol = max(1, int(round(0.010 * sr)))
-    window = np.hanning(win + 1)[:win].astype(np.float64)  # periodic Hann: sums to 1 at 50% overlap
+    from fractions import Fraction
 
-    n_frames = int(np.ceil(n_out / hop)) + 1
-    pad = win + tol + 2
-    xp = np.concatenate([np.zeros(pad), x.astype(np.float64), np.zeros(pad + win + int(n_frames * hop * speed))])
-    out = np.zeros(n_frames * hop + win)
-    norm = np.zeros_like(out)
+    import av
 
-    prev = pad  # input position of the previous frame (in xp)
-    for k in range(n_frames):
-        nominal = pad + int(round(k * hop * speed))
-        if k == 0:
-            pos = nominal
-        else:
-            target = xp[prev + hop: prev + hop + win]  # what naturally follows the previous frame
-            lo = max(0, nominal - tol)
-            region = xp[lo: nominal + tol + win]
-            if np.dot(target, target) < 1e-12:
-                pos = nominal
-            else:
-                corr = np.correlate(region, target, mode="valid")
-                # normalise by the energy of each candidate segment
-                c = np.concatenate([[0.0], np.cumsum(region * region)])
-                energy = c[win:] - c[:-win]
-                score = corr / np.sqrt(energy + 1e-9)
-                pos = lo + int(np.argmax(score))
-        out[k * hop: k * hop + win] += xp[pos: pos + win] * window
-        norm[k * hop: k * hop + win] += window
-        prev = pos
-    # undo the padding: output index 0 corresponds to input position `pad`
-    y = out[:n_out]
-    nz = norm[:n_out]
-    y = np.where(nz > 1e-3, y / np.maximum(nz, 1e-3), y)
-    return y.astype(np.float32)
+    sr = int(sr)
+    time_base = Fraction(1, sr)
+    graph = av.filter.Graph()
+    node = graph.add_abuffer(format="flt", sample_rate=sr, layout="mono", time_base=time_base)
+    src = node
+    for factor in _atempo_factors(speed):
+        stage = graph.add("atempo", f"{factor!r}")
+        node.link_to(stage)
+        node = stage
+    sink = graph.add("abuffersink")
+    node.link_to(sink)
+    graph.configure()
+
+    out: list[np.ndarray] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                frame = sink.pull()
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return
+            out.append(frame.to_ndarray().reshape(-1))
+
+    padded = np.concatenate([x, np.zeros(int(np.ceil(_STRETCH_TAIL_S * sr)), np.float32)])
+    for i in range(0, len(padded), _STRETCH_FRAME):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(padded[None, i:i + _STRETCH_FRAME]),
+                                           format="flt", layout="mono")
+        frame.sample_rate = sr
+        frame.pts = i
+        frame.time_base = time_base
+        src.push(frame)
+        drain()
+    src.push(None)                       # end of stream: flush what the filter still holds
+    drain()
+    y = np.concatenate(out) if out else np.zeros(0, np.float32)
+    if len(y) < n_out:
+        y = np.concatenate([y, np.zeros(n_out - len(y), np.float32)])
+    return np.ascontiguousarray(y[:n_out], dtype=np.float32)
