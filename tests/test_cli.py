@@ -42,3 +42,41 @@ def test_serve_reads_makima_tts_environment_variables():
     out = subprocess.run([sys.executable, "-m", "makima_tts", "serve"], capture_output=True, text=True, timeout=120,
                          env=env)
     assert out.returncode == 2 and "INVALID_SETTING" in out.stderr and "max_streams" in out.stderr
+
+
+def test_every_setting_is_a_serve_flag_with_help():
+    """Each Settings field is a `serve` flag (cli/serve.py builds them from Settings.model_fields), with its
+    description as help; a field added without a description, or that no flag sets, fails here."""
+    from makima_tts.cli import build_parser
+    from makima_tts.cli.serve import flag_name
+    from makima_tts.server.settings import Settings
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {opt: a for a in serve._actions for opt in a.option_strings}
+    help_text = serve.format_help()
+    for field, info in Settings.model_fields.items():
+        assert info.description, f"Settings.{field} has no description (its --help)"
+        flag = flag_name(field)
+        assert flag in flags and flags[flag].dest == field, f"Settings.{field} has no flag {flag}"
+        assert flag in help_text
+
+
+def test_serve_flags_reach_settings(monkeypatch):
+    from makima_tts.cli import build_parser
+    from makima_tts.cli.serve import settings_from_args
+
+    monkeypatch.setenv("MAKIMA_TTS_MAX_QUEUE", "7")          # no flag: the environment applies
+    monkeypatch.setenv("MAKIMA_TTS_PORT", "9")               # the flag wins
+    args = build_parser().parse_args([
+        "serve", "--port", "8100", "--session-idle-timeout", "5", "--no-batch", "--lazy-load", "--api-key", "a",
+        "--api-key", "b", "--allowed-origins", "*", "--max-streams", "3", "--wyoming-port", "10200",
+        "--weights-cache", "/tmp/w", "--send-buffer-chunks", "4", "--ray", "--replicas", "2"])
+    s = settings_from_args(args)
+    assert (s.port, s.session_idle_timeout_s, s.batch, s.lazy_load, s.api_keys, s.allowed_origins) == \
+        (8100, 5.0, False, True, ["a", "b"], ["*"])
+    assert (s.max_streams, s.wyoming_port, str(s.weights_cache), s.send_buffer_chunks, s.max_queue) == \
+        (3, 10200, "/tmp/w", 4, 7)
+    assert args.ray and args.replicas == 2
+    monkeypatch.delenv("MAKIMA_TTS_PORT")
+    d = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (d.port, d.batch, d.lazy_load, d.api_keys, d.max_streams) == (8000, True, False, [], "auto")

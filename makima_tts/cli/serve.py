@@ -4,91 +4,65 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
+from typing import Any, Callable, Union, get_args, get_origin
 
-# flag -> Settings field; every flag also reads MAKIMA_TTS_<FIELD> when not given
-_FLAGS = [
-    ("--host", "host", str, "bind address (default 127.0.0.1)"),
-    ("--port", "port", int, "port (default 8000)"),
-    ("--wyoming-port", "wyoming_port", int, "also serve the Wyoming protocol (Home Assistant) on this TCP port, "
-                                            "same host"),
-    ("--engine", "engine", str, "auto (default: Qwen3-TTS when a checkpoint loads, else the embedded engine), "
-                               "qwen3 or piper"),
-    ("--checkpoint", "checkpoint", str, "Qwen3-TTS checkpoint folder or Hugging Face repo id"),
-    ("--device", "device", str, "cpu or cuda"),
-    ("--dtype", "dtype", str, "float32, bfloat16 or float16"),
-    ("--quantize", "quantize", str, "Qwen3 weights: auto (default: int8 on the CPU, the float dtype on CUDA), "
-                                    "none (float32), int8 or int8-dynamic"),
-    ("--codec-dtype", "codec_dtype", str, "the codec decoder: auto (default: bfloat16 with int8 weights on a CPU "
-                                          "with bfloat16 arithmetic, else the float dtype), float32, bfloat16"),
-    ("--weights-cache", "weights_cache", str, "folder for quantized weights kept between starts "
-                                              "(default ~/.cache/makima-tts/weights)"),
-    ("--threads", "threads", int, "CPU threads for the engine"),
-    ("--piper-voice", "piper_voice", str, "embedded engine voice (default joe)"),
-    ("--voices-dir", "voices_dir", str, "the voice library folder"),
-    ("--default-voice", "default_voice", str, "voice used when a request names none"),
-    ("--max-streams", "max_streams", str, "utterances generating at once: a number or auto (default: the "
-                                          "real-time capacity measured for this engine path)"),
-    ("--max-queue", "max_queue", int, "utterances waiting for a slot before OVERLOADED"),
-    ("--max-text-chars", "max_text_chars", int, "longest text per request"),
-    ("--session-idle-timeout", "session_idle_timeout_s", float, "seconds before an idle WebSocket closes"),
-    ("--text-idle-timeout", "text_idle_timeout_s", float,
-     "token mode: seconds without a `text` piece before the open utterance ends as if flushed (default 10)"),
-    ("--prompt-cache-size", "prompt_cache_size", int, "voice prompts kept in memory"),
-    ("--prompt-cache-ttl", "prompt_cache_ttl_s", float, "seconds a voice prompt stays in memory"),
-    ("--max-upload-bytes", "max_upload_bytes", int, "largest voice upload"),
-    ("--max-session-queue", "max_session_queue", int, "utterances queued per WebSocket session (default 32)"),
-    ("--max-session-queue-chars", "max_session_queue_chars", int,
-     "characters queued and pending per WebSocket session (default 20000)"),
-    ("--send-timeout", "send_timeout_s", float,
-     "seconds a client may accept no audio before its utterance is cancelled (default 20)"),
-    ("--max-json-bytes", "max_json_bytes", int, "largest JSON request body (default 1 MiB)"),
-    ("--header-timeout", "header_timeout_s", float, "seconds for a request's headers to arrive (default 10)"),
-    ("--body-timeout", "body_timeout_s", float, "seconds for a request's body to arrive (default 60)"),
-    ("--drain-timeout", "drain_timeout_s", float,
-     "on SIGTERM, seconds running utterances get to finish before clients are closed (default 10)"),
-    ("--max-decode-seconds", "max_decode_seconds", float, "longest uploaded clip decoded (default 60)"),
-    ("--max-decode-rate", "max_decode_rate", int, "highest sample rate of an uploaded clip (default 96000)"),
-    ("--max-decode-channels", "max_decode_channels", int, "most channels of an uploaded clip (default 2)"),
-    ("--max-concurrent-decodes", "max_concurrent_decodes", int, "uploads decoded at once (default 2)"),
-    ("--log-level", "log_level", str, "debug, info, warning, error"),
-]
+# Every Settings field is a flag: --name-with-dashes (a trailing `_s`, seconds, dropped), its help the field's
+# description, and MAKIMA_TTS_<FIELD> applies when the flag is not given (only given flags reach Settings).
+# bool fields: --x / --no-x; list fields: repeatable. The exceptions to the naming rule:
+_FLAG_NAMES = {"api_keys": "--api-key"}
+_METAVARS = {"allowed_origins": "ORIGIN"}
+
+
+def flag_name(field: str) -> str:
+    return _FLAG_NAMES.get(field) or "--" + field.removesuffix("_s").replace("_", "-")
+
+
+def _arg_type(annotation: Any) -> Callable[[str], Any]:
+    """int / float for (Optional) int and float fields; str for the rest (Literal, Path, int | "auto"), which
+    Settings validates."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return _arg_type(args[0]) if len(args) == 1 else str
+    return annotation if annotation in (int, float) else str
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    from ..server.settings import Settings
+
+    for field, info in Settings.model_fields.items():
+        flag = flag_name(field)
+        kw: dict[str, Any] = {"dest": field, "default": None, "help": info.description}
+        if info.annotation is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(info.annotation) is list:
+            kw.update(action="append", metavar=_METAVARS.get(field, flag[2:].upper().replace("-", "_")))
+        else:
+            kw.update(type=_arg_type(info.annotation), metavar=_METAVARS.get(field, flag[2:].upper().replace("-", "_")))
+        p.add_argument(flag, **kw)
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the server (WebSocket, OpenAI-compatible HTTP, voices, /speak page)",
                        description="Run the makima-tts server. Every flag can also be set as an environment "
                                    "variable MAKIMA_TTS_<NAME> (e.g. MAKIMA_TTS_CHECKPOINT).")
-    for flag, _, typ, help_ in _FLAGS:
-        p.add_argument(flag, type=typ, default=None, help=help_)
-    p.add_argument("--lazy-load", action="store_true", default=None, help="load the model on the first request")
-    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="Qwen3: step up to --max-streams concurrent streams together, one batched model step "
-                        "(default on; --no-batch: each stream steps alone)")
-    p.add_argument("--api-key", action="append", default=None,
-                   help="require this API key (repeatable; env MAKIMA_TTS_API_KEYS as a JSON list)")
-    p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
-                   help="an Origin allowed besides the same origin and localhost (repeatable; '*' for any; env "
-                        "MAKIMA_TTS_ALLOWED_ORIGINS as a JSON list)")
-    from ..ray_serve.cli import add_arguments as add_ray_arguments     # --ray (imports no ray)
+    try:
+        add_settings_arguments(p)
+    except ImportError:             # no `server` extra (pydantic-settings): take any flags, run() says what is missing
+        parse = p.parse_known_args
+        p.parse_known_args = lambda args=None, namespace=None: (parse([], namespace)[0], [])  # type: ignore
+    else:
+        from ..ray_serve.cli import add_arguments as add_ray_arguments     # --ray (imports no ray)
 
-    add_ray_arguments(p)
+        add_ray_arguments(p)
     p.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace):
     from ..server.settings import Settings
 
-    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in _FLAGS}
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.lazy_load:
-        given["lazy_load"] = True
-    if args.batch is not None:
-        given["batch"] = args.batch
-    if args.api_key:
-        given["api_keys"] = args.api_key
-    if args.allowed_origins:
-        given["allowed_origins"] = args.allowed_origins
-    return Settings(**given)
+    given = {field: getattr(args, field) for field in Settings.model_fields}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,48 +16,66 @@ def default_voices_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAKIMA_TTS_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    wyoming_port: Optional[int] = Field(None, ge=1, le=65535)   # also serve Wyoming (Home Assistant) on host:this
-    engine: Literal["auto", "qwen3", "piper"] = "auto"
-    checkpoint: Optional[str] = None          # folder or Hugging Face repo id (Qwen3-TTS)
-    device: str = "cpu"
-    dtype: str = "float32"
-    # Qwen3 weights: auto = int8 (our kernel) on the CPU, the float dtype on CUDA; none = float32
-    quantize: Literal["auto", "none", "int8", "int8-dynamic"] = "auto"
-    # the codec decoder: auto = bfloat16 with int8 weights on a CPU with bfloat16 arithmetic, else the float dtype
-    codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    weights_cache: Optional[Path] = None      # where quantized weights are kept between starts (None: user cache)
-    threads: Optional[int] = None
-    batch: bool = True                        # Qwen3: step concurrent streams together (BatchedEngine); --no-batch
-    piper_voice: str = "joe"
-    lazy_load: bool = False                   # load the model on first request instead of at start-up
-    voices_dir: Path = Field(default_factory=default_voices_dir)
-    default_voice: Optional[str] = None
-    prompt_cache_size: int = 64
-    prompt_cache_ttl_s: float = 3600.0
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_streams: Union[int, Literal["auto"]] = "auto"   # utterances generating at once (auto: see streams())
-    max_queue: int = 16                       # utterances waiting for a slot
-    max_text_chars: int = 5000
-    session_idle_timeout_s: float = 300.0
-    text_idle_timeout_s: float = 10.0         # token mode: an open `text` utterance with no new text this long ends
-    send_buffer_chunks: int = 8               # audio chunks buffered per stream before it pauses
-    api_keys: list[str] = Field(default_factory=list)
+    # every field is a `makima-tts serve` flag (cli/serve.py: --name-with-dashes, `_s` dropped), its help the
+    # description; tests/test_cli.py checks that none is missing
+    host: str = Field("127.0.0.1", description="bind address (default 127.0.0.1)")
+    port: int = Field(8000, description="port (default 8000)")
+    wyoming_port: Optional[int] = Field(None, ge=1, le=65535, description="also serve the Wyoming protocol (Home "
+                                        "Assistant) on this TCP port, same host")
+    engine: Literal["auto", "qwen3", "piper"] = Field(
+        "auto", description="auto (default: Qwen3-TTS when a checkpoint loads, else the embedded engine), qwen3 or "
+                            "piper")
+    checkpoint: Optional[str] = Field(None, description="Qwen3-TTS checkpoint folder or Hugging Face repo id")
+    device: str = Field("cpu", description="cpu or cuda")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    quantize: Literal["auto", "none", "int8", "int8-dynamic"] = Field(
+        "auto", description="Qwen3 weights: auto (default: int8 on the CPU, the float dtype on CUDA), none "
+                            "(float32), int8 or int8-dynamic")
+    codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the codec decoder: auto (default: bfloat16 with int8 weights on a CPU with bfloat16 "
+                            "arithmetic, else the float dtype), float32, bfloat16")
+    weights_cache: Optional[Path] = Field(None, description="folder for quantized weights kept between starts "
+                                                            "(default ~/.cache/makima-tts/weights)")
+    threads: Optional[int] = Field(None, description="CPU threads for the engine")
+    batch: bool = Field(True, description="Qwen3: step up to --max-streams concurrent streams together, one batched "
+                                          "model step (default on; --no-batch: each stream steps alone)")
+    piper_voice: str = Field("joe", description="embedded engine voice (default joe)")
+    lazy_load: bool = Field(False, description="load the model on the first request")
+    voices_dir: Path = Field(default_factory=default_voices_dir, description="the voice library folder")
+    default_voice: Optional[str] = Field(None, description="voice used when a request names none")
+    prompt_cache_size: int = Field(64, description="voice prompts kept in memory")
+    prompt_cache_ttl_s: float = Field(3600.0, description="seconds a voice prompt stays in memory")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, description="largest voice upload")
+    max_streams: Union[int, Literal["auto"]] = Field(
+        "auto", description="utterances generating at once: a number or auto (default: the real-time capacity "
+                            "measured for this engine path)")     # auto: see streams()
+    max_queue: int = Field(16, description="utterances waiting for a slot before OVERLOADED")
+    max_text_chars: int = Field(5000, description="longest text per request")
+    session_idle_timeout_s: float = Field(300.0, description="seconds before an idle WebSocket closes")
+    text_idle_timeout_s: float = Field(10.0, description="token mode: seconds without a `text` piece before the open "
+                                                         "utterance ends as if flushed (default 10)")
+    send_buffer_chunks: int = Field(8, description="audio chunks buffered per stream before it pauses (default 8)")
+    api_keys: list[str] = Field(default_factory=list, description="require this API key (repeatable; env "
+                                                                  "MAKIMA_TTS_API_KEYS as a JSON list)")
     # bounded work per client (issue 15)
-    max_session_queue: int = 32               # utterances queued in one WebSocket session
-    max_session_queue_chars: int = 20000      # characters queued (and pending) in one WebSocket session
-    send_timeout_s: float = 20.0              # a client that accepts no audio this long loses its utterance
-    max_json_bytes: int = 1024 * 1024         # largest JSON request body
-    header_timeout_s: float = 10.0            # request headers must arrive within this
-    body_timeout_s: float = 60.0              # a request body must arrive within this
-    drain_timeout_s: float = 10.0             # on SIGTERM, running utterances get this long to finish
-    allowed_origins: list[str] = Field(default_factory=list)   # besides the same origin and localhost; "*": any
-    max_decode_seconds: float = 60.0          # longest reference clip decoded (from the container's header)
-    max_decode_rate: int = 96000              # highest sample rate decoded
-    max_decode_channels: int = 2              # most channels decoded
-    max_concurrent_decodes: int = 2           # uploads decoded at once
-    log_level: str = "info"
+    max_session_queue: int = Field(32, description="utterances queued per WebSocket session (default 32)")
+    max_session_queue_chars: int = Field(20000, description="characters queued and pending per WebSocket session "
+                                                            "(default 20000)")
+    send_timeout_s: float = Field(20.0, description="seconds a client may accept no audio before its utterance is "
+                                                    "cancelled (default 20)")
+    max_json_bytes: int = Field(1024 * 1024, description="largest JSON request body (default 1 MiB)")
+    header_timeout_s: float = Field(10.0, description="seconds for a request's headers to arrive (default 10)")
+    body_timeout_s: float = Field(60.0, description="seconds for a request's body to arrive (default 60)")
+    drain_timeout_s: float = Field(10.0, description="on SIGTERM, seconds running utterances get to finish before "
+                                                     "clients are closed (default 10)")
+    allowed_origins: list[str] = Field(default_factory=list, description="an Origin allowed besides the same origin "
+                                       "and localhost (repeatable; '*' for any; env MAKIMA_TTS_ALLOWED_ORIGINS as a "
+                                       "JSON list)")
+    max_decode_seconds: float = Field(60.0, description="longest uploaded clip decoded (default 60)")
+    max_decode_rate: int = Field(96000, description="highest sample rate of an uploaded clip (default 96000)")
+    max_decode_channels: int = Field(2, description="most channels of an uploaded clip (default 2)")
+    max_concurrent_decodes: int = Field(2, description="uploads decoded at once (default 2)")
+    log_level: str = Field("info", description="debug, info, warning, error")
 
     def streams(self) -> int:
         """max_streams as a number. auto: for the default Qwen3 path on the CPU, CPU_STREAMS_PER_2_THREADS
