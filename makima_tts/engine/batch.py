@@ -41,7 +41,6 @@ from .codec import StreamingDecoder
 from .qwen3 import ChunkCutter, Qwen3Engine
 from .types import AudioChunk, CancelToken, GenerationSettings, GenerationStats, VoicePrompt
 
-_POLL_S = 0.05                  # the scheduler's longest wait for text or resume() before it looks again
 # With several rows, each row's codes are decoded every DECODE_EVERY frames (and at its chunk ends),
 # all due rows in one codec call: the codec is most of the work at 8 streams, and one call over B rows
 # costs far less than B calls (bench/codec.py). Alone, a row decodes whole chunks (the cheapest).
@@ -98,6 +97,7 @@ class BatchedEngine:
         # called by the scheduler thread after every frame step with the rows it stepped (tests, metrics)
         self.on_step = None
         self._hold = 0
+        self._news = 0        # bumped (under _cond) by whatever may let a waiting scheduler go on
 
     # ---- pass-through -------------------------------------------------------------------------
 
@@ -168,7 +168,9 @@ class BatchedEngine:
         return s
 
     def _poke(self) -> None:
+        """Text arrived, a consumer left or a stream was cancelled: wake the scheduler."""
         with self._cond:
+            self._news += 1
             self._cond.notify_all()
 
     def _submit(self, s: _Stream) -> None:
@@ -268,7 +270,7 @@ class BatchedEngine:
             if not self._active:                    # only held joiners: wait for resume()
                 with self._cond:
                     if self._hold and not self._closed:
-                        self._cond.wait(_POLL_S)
+                        self._cond.wait()        # resume(), close() or a poke (a held joiner left)
                 continue
             self._frame()
 
@@ -373,6 +375,8 @@ class BatchedEngine:
             with self._cond:
                 self._drop_finished()
             if gen.rows:
+                with self._cond:
+                    news = self._news            # a poke from now on is not missed by the wait below
                 t3 = time.perf_counter()
                 moved = gen.advance()
                 dt = time.perf_counter() - t3
@@ -380,8 +384,8 @@ class BatchedEngine:
                     s.timings.talker_s += dt
                 if not moved and not done:           # every row waits for its text
                     with self._cond:
-                        if not self._closed and not self._waiting:
-                            self._cond.wait(_POLL_S)
+                        while not self._closed and not self._waiting and self._news == news:
+                            self._cond.wait()    # text, a leaving consumer, a joiner or close() wakes it
         finally:
             if self.on_step is not None:
                 self.on_step(b)
