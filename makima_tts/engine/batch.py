@@ -55,7 +55,7 @@ class _Stream(Row):
     cutter: Optional[ChunkCutter] = None         # stream(): the frames are decoded on the scheduler's thread
     out: Channel = field(default_factory=Channel)     # unbounded: the scheduler never waits for a consumer
     submitted: float = field(default_factory=time.perf_counter)
-    timings: GenerationStats = field(default_factory=GenerationStats)   # the caller's stats, filled as it goes
+    timings: GenerationStats = field(default_factory=GenerationStats)
 
     def gone(self) -> bool:
         """Cancelled, its consumer went away, or it failed: it takes no more frames."""
@@ -156,15 +156,13 @@ class BatchedEngine:
 
     # ---- a stream, on the caller's thread -----------------------------------------------------
 
-    def _request(self, text, voice, language, settings, cancel,
-                 stats: Optional[GenerationStats]) -> Optional[_Stream]:
+    def _request(self, text, voice, language, settings, cancel) -> _Stream:
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
         row = self.engine.plan(text, voice, language, settings, cancel)
         if row is None:                          # cancelled while waiting for its text
             return None
-        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=Channel(cancel=cancel),
-                    timings=stats if stats is not None else GenerationStats())
+        s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=Channel(cancel=cancel))
         if s.feed is not None:
             s.feed.listen(self._poke)            # the scheduler waits for text as a row runs dry
         return s
@@ -191,11 +189,11 @@ class BatchedEngine:
                stats: Optional[GenerationStats] = None) -> Iterator[torch.Tensor]:
         """Codec frames (16,) int64 as the scheduler makes them (like Qwen3Engine.frames)."""
         settings = settings or self.engine.defaults
-        s = self._request(text, voice, language, settings, cancel, stats)
+        s = self._request(text, voice, language, settings, cancel)
         if s is None:
             return
         self._submit(s)
-        yield from self._deliver(s)
+        yield from self._deliver(s, stats)
 
     def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
                settings: Optional[GenerationSettings] = None, cancel: Optional[CancelToken] = None,
@@ -207,23 +205,26 @@ class BatchedEngine:
         t_start = time.perf_counter()
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        s = self._request(text, voice, language, settings, cancel, stats)
+        s = self._request(text, voice, language, settings, cancel)
         if s is None:
             return
         s.cutter = ChunkCutter(self.engine._streaming_decoder(voice), settings, stats, t_start)
         self._submit(s)
         try:
-            yield from self._deliver(s)
+            yield from self._deliver(s, stats)
         finally:
             s.cutter.close()
 
-    def _deliver(self, s: _Stream) -> Iterator:
+    def _deliver(self, s: _Stream, stats: Optional[GenerationStats]) -> Iterator:
         """The stream's items as the scheduler hands them over, to its end, its error or its cancel."""
         try:
             yield from s.out
         finally:
             s.out.close()
             self._poke()                         # the scheduler drops the row now, not at its next look
+            if stats is not None:
+                for name in ("queue_s", "prefill_s", "talker_s", "predictor_s", "batch_rows_sum"):
+                    setattr(stats, name, getattr(s.timings, name))
 
     def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
                    settings: Optional[GenerationSettings] = None):
@@ -316,9 +317,12 @@ class BatchedEngine:
                     pcms.append(exc)
         share = (time.perf_counter() - t0) / len(due)
         for s, pcm in zip(due, pcms):
-            item = pcm if isinstance(pcm, Exception) else s.cutter.decoded(pcm, share)
-            if item is not None:
-                s.send(item)                     # a chunk, or the error that ends this row
+            if isinstance(pcm, Exception):
+                s.out.fail(pcm)
+                continue
+            chunk = s.cutter.decoded(pcm, share)
+            if chunk is not None:
+                s.out.put(chunk)
 
     def _drop_finished(self) -> None:
         """Remove streams that ended (EOS reached, max_frames, cancelled, consumer gone)."""
