@@ -59,3 +59,13 @@ def engine(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def voice(engine, ref_clip):
     return engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT)
+
+
+@pytest.fixture(scope="session")
+def chatterbox_export(tmp_path_factory) -> Path:
+    """A tiny random-weight Chatterbox-Turbo export in the official ONNX layout (fp32, fp16 and q4 graphs)."""
+    from makima_tts.testing.chatterbox_export import build_chatterbox_export
+
+    cache = os.environ.get("MAKIMA_TEST_CHECKPOINT_CACHE")
+    out = Path(cache) / "chatterbox-tiny" if cache else tmp_path_factory.mktemp("cbx") / "chatterbox-tiny"
+    return build_chatterbox_export(out, tiny=True, dtypes=("fp32", "fp16", "q4"))

@@ -130,7 +130,7 @@ class VoiceInfo:
 class SpeechEngine(Protocol):
     """What the server and the CLI need of an engine."""
 
-    name: str                 # "qwen3" | "piper"
+    name: str                 # "qwen3" | "piper" | "chatterbox"
     model_id: str             # checkpoint path / repo id / voice model name
     sample_rate: int
     supports_cloning: bool
@@ -152,6 +152,8 @@ class VoicePrompt:
     `ref_codes` (frames x 16 codebooks, int64) and `ref_text` are set in ICL mode; in
     x-vector-only mode only `speaker_embedding` is used. `fingerprint` names the
     checkpoint it was computed with: a prompt is only valid for that checkpoint.
+    `tensors` holds what else an engine computed from the clip, by name (Chatterbox: its speech
+    encoder's conditionals); `meta["engine"]` names the engine that made the prompt.
     """
 
     speaker_embedding: "torch.Tensor"
@@ -160,6 +162,12 @@ class VoicePrompt:
     x_vector_only: bool = False
     fingerprint: str = ""
     meta: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+
+    @property
+    def engine(self) -> str:
+        """The engine the prompt was made by ("qwen3" for prompts saved before engines were named)."""
+        return str((self.meta or {}).get("engine") or "qwen3")
 
     @property
     def icl(self) -> bool:
@@ -176,6 +184,8 @@ class VoicePrompt:
         tensors = {"speaker_embedding": self.speaker_embedding.detach().float().cpu().contiguous()}
         if self.ref_codes is not None:
             tensors["ref_codes"] = self.ref_codes.detach().to(dtype=__import__("torch").int64).cpu().contiguous()
+        for name, value in (self.tensors or {}).items():
+            tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
         metadata = {"format": "makima-voice-prompt/1", "x_vector_only": json.dumps(self.x_vector_only),
                     "ref_text": json.dumps(self.ref_text), "fingerprint": self.fingerprint,
                     "meta": json.dumps(self.meta)}
@@ -194,6 +204,7 @@ class VoicePrompt:
             keys = set(f.keys())
             emb = f.get_tensor("speaker_embedding")
             codes = f.get_tensor("ref_codes") if "ref_codes" in keys else None
+            extra = {k[len("extra."):]: f.get_tensor(k) for k in sorted(keys) if k.startswith("extra.")}
         return cls(speaker_embedding=emb, ref_codes=codes, ref_text=json.loads(md.get("ref_text", "null")),
                    x_vector_only=json.loads(md.get("x_vector_only", "false")),
-                   fingerprint=md.get("fingerprint", ""), meta=json.loads(md.get("meta", "{}")))
+                   fingerprint=md.get("fingerprint", ""), meta=json.loads(md.get("meta", "{}")), tensors=extra)

@@ -56,11 +56,11 @@ class EngineManager:
         if self.engine is not None:
             self._loaded.set()
             return
-        if self.settings.engine == "qwen3" and not self.settings.lazy_load:
+        if self.settings.engine in ("qwen3", "chatterbox") and not self.settings.lazy_load:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._load_engine)
             self._loaded.set()
             if self.engine is None:
-                raise EngineUnavailable(self.load_error or "the Qwen3-TTS engine did not load")
+                raise EngineUnavailable(self.load_error or f"the {self.settings.engine} engine did not load")
             return
         if not self.settings.lazy_load:
             self._begin_load()
@@ -91,7 +91,7 @@ class EngineManager:
             engine = self.engine
             out.update(engine=engine.name, model=str(engine.model_id), reason=self.reason,
                        sample_rate=engine.sample_rate, cloning=engine.supports_cloning,
-                       batched=bool(self.settings.batch and engine.supports_cloning))
+                       batched=getattr(engine, "max_batch", None) is not None)
         elif self.state == "failed":
             out["reason"] = self.load_error
         elif self.settings.lazy_load and self.state == "starting":
@@ -131,7 +131,18 @@ class EngineManager:
             if s.engine == "piper":
                 self._serve(self.load_piper(), "engine = piper")
                 return
-            if s.checkpoint:
+            if s.engine == "chatterbox" or (s.engine == "auto" and s.checkpoint and _chatterbox_layout(s.checkpoint)):
+                if not s.checkpoint:
+                    raise EngineUnavailable("engine = chatterbox needs its ONNX export: --checkpoint PATH_OR_REPO "
+                                            "(a folder with onnx/, or ResembleAI/chatterbox-turbo-ONNX)")
+                try:
+                    self._serve(self._load_chatterbox(), f"Chatterbox-Turbo ONNX export {s.checkpoint}")
+                    return
+                except Exception as e:
+                    if s.engine == "chatterbox":
+                        raise
+                    reason = f"the Chatterbox export {s.checkpoint} did not load ({e})"
+            elif s.checkpoint:
                 try:
                     self._serve(self._load_qwen3(), f"Qwen3-TTS checkpoint {s.checkpoint}")
                     return
@@ -156,6 +167,15 @@ class EngineManager:
             self.load_error = e.message if isinstance(e, MakimaError) else f"{type(e).__name__}: {e}"
             log.error("engine failed to load: %s", self.load_error)
 
+    def _load_chatterbox(self) -> SpeechEngine:
+        from ..engine.chatterbox import ChatterboxEngine
+
+        s = self.settings
+        assert s.checkpoint is not None
+        engine = ChatterboxEngine.load(s.checkpoint, dtype=s.onnx_dtype, threads=s.threads, device=s.device)
+        log.info("Chatterbox graphs: %s, loaded in %.1f s", engine.load_info["dtype"], engine.load_info["load_s"])
+        return engine
+
     def _load_qwen3(self):      # a Qwen3Engine or a BatchedEngine (they take a VoicePrompt as the voice)
         from ..engine.qwen3 import Qwen3Engine
 
@@ -179,3 +199,13 @@ class EngineManager:
             self.on_ready(engine)
         self.state = "ready"
         log.info("ready: engine %s (%s), because %s", engine.name, engine.model_id, reason)
+
+
+def _chatterbox_layout(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a local folder in the Chatterbox-Turbo ONNX layout (what auto looks for)."""
+    from ..engine.chatterbox import is_chatterbox_export
+
+    try:
+        return is_chatterbox_export(checkpoint)
+    except OSError:
+        return False

@@ -22,10 +22,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port (default 8000)")
     wyoming_port: Optional[int] = Field(None, ge=1, le=65535, description="also serve the Wyoming protocol (Home "
                                         "Assistant) on this TCP port, same host")
-    engine: Literal["auto", "qwen3", "piper"] = Field(
-        "auto", description="auto (default: Qwen3-TTS when a checkpoint loads, else the embedded engine), qwen3 or "
-                            "piper")
-    checkpoint: Optional[str] = Field(None, description="Qwen3-TTS checkpoint folder or Hugging Face repo id")
+    engine: Literal["auto", "qwen3", "piper", "chatterbox"] = Field(
+        "auto", description="auto (default: the checkpoint's engine when it loads, Chatterbox for a folder in its "
+                            "ONNX layout, else Qwen3-TTS; the embedded engine without one), qwen3, piper or chatterbox")
+    checkpoint: Optional[str] = Field(None, description="Qwen3-TTS checkpoint or Chatterbox-Turbo ONNX export: a "
+                                                        "folder or Hugging Face repo id")
+    onnx_dtype: Literal["auto", "fp32", "fp16", "q8", "q4", "q4f16"] = Field(
+        "auto", description="Chatterbox: which variant of the export's graphs (default auto: q4 on the CPU where "
+                            "the export has it, fp16 on CUDA, else fp32)")
     device: str = Field("cpu", description="cpu or cuda")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     quantize: Literal["auto", "none", "int8", "int8-dynamic"] = Field(
@@ -87,11 +91,22 @@ class Settings(BaseSettings):
         cores = self.threads or os.cpu_count() or 2
         if self.engine == "piper" or not self.checkpoint:
             return max(2, cores)
+        if self.engine == "chatterbox" or (self.engine == "auto" and _chatterbox_layout(self.checkpoint)):
+            return max(1, cores // 2)       # not batched: each stream runs its own graphs
         if self.device.startswith("cuda"):
             return 16
         if not self.batch:
             return 1
         return max(1, CPU_STREAMS_PER_2_THREADS * cores // 2)
+
+
+def _chatterbox_layout(checkpoint: str) -> bool:
+    from ..engine.chatterbox import is_chatterbox_export
+
+    try:
+        return is_chatterbox_export(checkpoint)
+    except OSError:
+        return False
 
 
 # bench/load.py on a 2-core Xeon (bench/RESULTS.md, 2026-11-29): the real-time capacity (streams with no

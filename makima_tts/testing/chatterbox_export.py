@@ -1,0 +1,439 @@
+"""Build a Chatterbox-Turbo export with random weights in the layout of ResembleAI/chatterbox-turbo-ONNX.
+
+Tests (tiny) and benchmarks (the real language model's geometry) use this:
+`python -m makima_tts.testing.chatterbox_export OUT [--full] [--dtypes fp32,q4]`.
+
+What is real and what stands in:
+
+* The language model is the reference package `chatterbox-tts`'s Turbo T3 (its GPT-2 backbone, text and
+  speech embeddings, speech head and conditioning encoder), built with random weights and exported as
+  the official export's graphs are called: `embed_tokens` (input_ids -> inputs_embeds) and
+  `language_model` (inputs_embeds, attention_mask, position_ids, past_key_values.N.key/value ->
+  logits, present.N.key/value), with the input and output names and shapes of the model card's example.
+  `reference_tokens()` runs the package's own `T3.inference_turbo` on the same weights.
+* The speech encoder and the conditional decoder are small stand-ins with the official graphs' inputs
+  and outputs (audio_values -> cond_emb, prompt_token, speaker_embeddings, speaker_features; speech_tokens,
+  speaker_embeddings, speaker_features -> waveform, 960 samples per token at 24 kHz, the prompt's tokens
+  dropped, a 40 ms fade-in as S3Gen does). The encoder's cond_emb is the package's conditioning encoder
+  (speaker projection + speech embeddings of the prompt tokens), so `reference_conditionals()` gives the
+  package the same conditionals. The decoder has one global self-attention layer and an overlapping
+  transposed convolution, so decoding a window of tokens differs from decoding the whole sequence as a
+  real non-causal decoder does. Neither is the package's voice encoder / S3 tokenizer / S3Gen.
+* The tokenizer is a byte-level BPE (GPT-2's scheme) trained on a few sentences. The official export's
+  tokenizer.json and embed_tokens internals are not visible here; this builder's pair follows the model
+  card's loop: `tokenizer(text)` ids go to embed_tokens on the first step and the generated speech
+  tokens (0..6562) on the next ones. Text ids are offset by the speech vocabulary (6563) and the
+  tokenizer appends START_SPEECH (6561), so the first step's embeddings are the package's
+  (conditioning, text, start-of-speech).
+
+Graph files: `onnx/{name}{suffix}.onnx` with weights in `{file}_data`; suffix "" (fp32), "_fp16", "_q4".
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+SPEECH_VOCAB = 6563
+START_SPEECH_TOKEN = 6561
+STOP_SPEECH_TOKEN = 6562
+TOKEN_SAMPLES = 960               # 24 kHz / 25 tokens per second
+SAMPLE_RATE = 24000
+GRAPHS = ("speech_encoder", "embed_tokens", "language_model", "conditional_decoder")
+SUFFIXES = {"fp32": "", "fp16": "_fp16", "q4": "_q4"}
+
+_CORPUS = [
+    "Hello there, this is a test of the speech server.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Oh, that's hilarious! Um anyway, how are you doing today?",
+    "Streaming speech arrives in small pieces, one after another.",
+    "Numbers like one, two, three and forty-two are spoken too.",
+    "She sells sea shells by the sea shore [laugh] [sigh] [chuckle].",
+]
+
+
+def _geometry(tiny: bool) -> dict:
+    if tiny:
+        return dict(n_embd=64, n_head=4, n_layer=2, n_positions=2048, text_vocab=400, dec_dim=32)
+    return dict(n_embd=1024, n_head=16, n_layer=24, n_positions=8196, text_vocab=50276, dec_dim=256)
+
+
+def _t3(geo: dict, seed: int):
+    """The package's Turbo T3 (hp as ChatterboxTurboTTS.from_local sets them), random weights."""
+    import torch
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.llama_configs import GPT2_MEDIUM_CONFIG, LLAMA_CONFIGS
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    name = f"GPT2_makima_{geo['n_layer']}x{geo['n_embd']}"
+    LLAMA_CONFIGS[name] = dict(GPT2_MEDIUM_CONFIG, n_embd=geo["n_embd"], hidden_size=geo["n_embd"],
+                               n_head=geo["n_head"], n_layer=geo["n_layer"], n_positions=geo["n_positions"],
+                               n_ctx=geo["n_positions"], vocab_size=geo["text_vocab"])
+    hp = T3Config(text_tokens_dict_size=geo["text_vocab"])
+    hp.llama_config_name = name
+    hp.speech_tokens_dict_size = SPEECH_VOCAB
+    hp.input_pos_emb = None
+    hp.speech_cond_prompt_len = 375
+    hp.use_perceiver_resampler = False
+    hp.emotion_adv = False
+    torch.manual_seed(seed)
+    t3 = T3(hp)
+    scale, emb = 4.0, 0.2
+    with torch.no_grad():
+        # GPT-2's 0.02 init makes near-uniform attention, and nn.Embedding's N(0, 1) rows swamp it: the greedy
+        # tokens would follow from the last token alone. Livelier weights and smaller embeddings make them
+        # depend on the text and the voice.
+        for name, p in t3.named_parameters():
+            if name.startswith(("text_emb", "speech_emb")):
+                p.mul_(emb)
+            elif p.dim() >= 2:
+                p.mul_(scale)
+    return t3.eval()
+
+
+def _modules(t3, geo: dict, seed: int):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    D = geo["n_embd"]
+    H = geo["n_head"]
+    hd = D // H
+    tfmr = t3.tfmr
+
+    class EmbedTokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_emb = t3.text_emb
+            self.speech_emb = t3.speech_emb
+
+        def forward(self, input_ids):
+            is_text = input_ids >= SPEECH_VOCAB
+            text = self.text_emb(torch.clamp(input_ids - SPEECH_VOCAB, min=0))
+            speech = self.speech_emb(torch.clamp(input_ids, max=SPEECH_VOCAB - 1))
+            return torch.where(is_text.unsqueeze(-1), text, speech)
+
+    class LanguageModel(nn.Module):
+        """GPT-2 (the package's weights) with an explicit KV cache, + the speech head."""
+
+        def __init__(self):
+            super().__init__()
+            self.tfmr = tfmr
+            self.speech_head = t3.speech_head
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            x = inputs_embeds + self.tfmr.wpe(position_ids)
+            S = x.shape[1]
+            total = attention_mask.shape[1]
+            P = total - S
+            q_pos = torch.arange(S, device=x.device).unsqueeze(1) + P
+            k_pos = torch.arange(total, device=x.device).unsqueeze(0)
+            allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
+            bias = torch.where(allowed, torch.zeros((), dtype=x.dtype), torch.full((), -1e4, dtype=x.dtype))
+            presents = []
+            for i, block in enumerate(self.tfmr.h):
+                h = block.ln_1(x)
+                qkv = block.attn.c_attn(h)
+                q, k, v = qkv.split(D, dim=2)
+                q = q.view(q.shape[0], S, H, hd).transpose(1, 2)
+                k = k.view(k.shape[0], S, H, hd).transpose(1, 2)
+                v = v.view(v.shape[0], S, H, hd).transpose(1, 2)
+                k = torch.cat([past[2 * i], k], dim=2)
+                v = torch.cat([past[2 * i + 1], v], dim=2)
+                presents += [k, v]
+                att = torch.matmul(q, k.transpose(-1, -2)) / float(hd) ** 0.5 + bias
+                att = torch.softmax(att, dim=-1)
+                a = torch.matmul(att, v).transpose(1, 2).reshape(x.shape[0], S, D)
+                x = x + block.attn.c_proj(a)
+                x = x + block.mlp(block.ln_2(x))
+            x = self.tfmr.ln_f(x)
+            return (self.speech_head(x), *presents)
+
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def init(m: nn.Module, scale: float):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
+        return m
+
+    class SpeechEncoder(nn.Module):
+        """Stand-in: 40 ms frames -> prompt tokens, a voice-encoder-like embedding, mel-like features,
+        an x-vector; cond_emb by the package's conditioning encoder."""
+
+        MAX_SAMPLES = 10 * SAMPLE_RATE
+
+        def __init__(self):
+            super().__init__()
+            self.frame = init(nn.Linear(TOKEN_SAMPLES, 64), 4.0)
+            self.tok = init(nn.Linear(64, 6561), 1.0)
+            self.ve = init(nn.Linear(64, 256), 1.0)
+            self.feat = init(nn.Linear(TOKEN_SAMPLES // 2, 80), 4.0)
+            self.xvec = init(nn.Linear(80, 192), 1.0)
+            self.spkr_enc = t3.cond_enc.spkr_enc
+            self.speech_emb = t3.speech_emb
+
+        def parts(self, audio):
+            audio = audio[:, :self.MAX_SAMPLES]
+            n = audio.shape[1] // TOKEN_SAMPLES
+            clip = audio[:, :n * TOKEN_SAMPLES]
+            h = torch.tanh(self.frame(clip.reshape(1, n, TOKEN_SAMPLES)))
+            tokens = torch.argmax(self.tok(h), dim=-1)
+            ve = F.normalize(self.ve(h).mean(dim=1), dim=-1)
+            feats = torch.tanh(self.feat(clip.reshape(1, 2 * n, TOKEN_SAMPLES // 2)))
+            xvec = self.xvec(feats.mean(dim=1))
+            return tokens, ve, feats, xvec
+
+        def forward(self, audio_values):
+            tokens, ve, feats, xvec = self.parts(audio_values)
+            t3_tokens = tokens[:, :375]
+            cond = torch.cat([self.spkr_enc(ve)[:, None], self.speech_emb(t3_tokens)], dim=1)
+            return cond, tokens, xvec, feats
+
+    dd = geo["dec_dim"]
+
+    class ConditionalDecoder(nn.Module):
+        """Stand-in token-to-waveform decoder (non-causal: one global attention layer)."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = init(nn.Embedding(6561, dd), 1.0)
+            self.spk = init(nn.Linear(192, dd), 1.0)
+            self.feat = init(nn.Linear(80, dd), 1.0)
+            self.qkv = init(nn.Linear(dd, 3 * dd), 1.0)
+            self.out = init(nn.Linear(dd, dd), 1.0)
+            self.up = init(nn.ConvTranspose1d(dd, 1, kernel_size=2 * TOKEN_SAMPLES, stride=TOKEN_SAMPLES,
+                                              padding=TOKEN_SAMPLES // 2), 0.5)
+            n = TOKEN_SAMPLES // 2
+            fade = torch.zeros(2 * n)
+            fade[n:] = (torch.cos(torch.linspace(torch.pi, 0, n)) + 1) / 2
+            self.register_buffer("trim_fade", fade)
+
+        def forward(self, speech_tokens, speaker_embeddings, speaker_features):
+            n_prompt = speaker_features.shape[1] // 2
+            x = self.emb(torch.clamp(speech_tokens, max=6560))
+            x = x + self.spk(speaker_embeddings)[:, None] + self.feat(speaker_features).mean(dim=1, keepdim=True)
+            q, k, v = self.qkv(x).split(dd, dim=2)
+            att = torch.softmax(torch.matmul(q, k.transpose(1, 2)) / float(dd) ** 0.5, dim=-1)
+            x = x + self.out(torch.matmul(att, v))
+            x = x[:, n_prompt:]
+            wav = torch.tanh(self.up(x.transpose(1, 2)))[:, 0]
+            head = wav[:, :2 * (TOKEN_SAMPLES // 2)] * self.trim_fade
+            return torch.cat([head, wav[:, 2 * (TOKEN_SAMPLES // 2):]], dim=1)
+
+    return EmbedTokens().eval(), LanguageModel().eval(), SpeechEncoder().eval(), ConditionalDecoder().eval()
+
+
+def _tokenizer(out: Path, text_vocab: int) -> None:
+    """tokenizer.json: byte-level BPE trained on _CORPUS, ids offset by SPEECH_VOCAB, START_SPEECH appended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(text_vocab, 400), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"] = {k: v + SPEECH_VOCAB for k, v in spec["model"]["vocab"].items()}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[START_SPEECH]", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}},
+                 {"SpecialToken": {"id": "[START_SPEECH]", "type_id": 0}}],
+        "special_tokens": {"[START_SPEECH]": {"id": "[START_SPEECH]", "ids": [START_SPEECH_TOKEN],
+                                              "tokens": ["[START_SPEECH]"]}},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}), encoding="utf-8")
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
+    import onnx
+    import torch
+
+    tmp = path.with_suffix(".tmp.onnx")
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=17, dynamo=False, do_constant_folding=True)
+    model = onnx.load(str(tmp))
+    for f in tmp.parent.glob(tmp.name + "*"):
+        f.unlink()
+    _save(model, path)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    data = path.name + "_data"
+    if (path.parent / data).exists():
+        (path.parent / data).unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=0)
+
+
+def _variant(src: Path, dtype: str) -> Path:
+    import onnx
+
+    dst = src.with_name(src.name[:-len(".onnx")] + SUFFIXES[dtype] + ".onnx")
+    model = onnx.load(str(src))
+    if dtype == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # inputs and outputs as the official fp16 graphs have them: float16 where they are float
+        model = convert_float_to_float16(model, keep_io_types=False)
+    elif dtype == "q4":
+        import logging
+
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+        q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True)
+        q.process()
+        model = q.model.model
+    _save(model, dst)
+    return dst
+
+
+def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] = ("fp32",), seed: int = 0,
+                            force: bool = False) -> Path:
+    """Write the export to `out` (skipped when `out/makima-test-export.json` says it is this build)."""
+    import torch
+
+    out = Path(out)
+    stamp = {"format": "makima-chatterbox-test/1", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
+    marker = out / "makima-test-export.json"
+    if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "onnx").mkdir(parents=True)
+    geo = _geometry(tiny)
+    t3 = _t3(geo, seed)
+    embed, lm, enc, dec = _modules(t3, geo, seed)
+    torch.save({"t3": t3.state_dict(), "enc": enc.state_dict(), "dec": dec.state_dict(), "geo": geo,
+                "seed": seed}, out / "reference.pt")
+    onnx_dir = out / "onnx"
+    D, H, L = geo["n_embd"], geo["n_head"], geo["n_layer"]
+    hd = D // H
+    _export(embed, (torch.tensor([[SPEECH_VOCAB + 5, SPEECH_VOCAB + 7, START_SPEECH_TOKEN]]),),
+            onnx_dir / "embed_tokens.onnx", ["input_ids"], ["inputs_embeds"],
+            {"input_ids": {0: "batch_size", 1: "sequence_length"},
+             "inputs_embeds": {0: "batch_size", 1: "sequence_length"}})
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+    S, P = 3, 2
+    args = (torch.randn(1, S, D), torch.ones(1, P + S, dtype=torch.int64), torch.arange(P, P + S).unsqueeze(0),
+            *[torch.randn(1, H, P, hd) for _ in past_names])
+    dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+           "position_ids": {0: "batch_size", 1: "sequence_length"},
+           "logits": {0: "batch_size", 1: "sequence_length"}}
+    dyn.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
+    dyn.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
+    _export(lm, args, onnx_dir / "language_model.onnx", ["inputs_embeds", "attention_mask", "position_ids", *past_names],
+            ["logits", *present_names], dyn)
+    _export(enc, (torch.randn(1, SAMPLE_RATE * 3) * 0.1,), onnx_dir / "speech_encoder.onnx", ["audio_values"],
+            ["audio_features", "audio_tokens", "speaker_embeddings", "speaker_features"],
+            {"audio_values": {0: "batch_size", 1: "num_samples"},
+             "audio_features": {0: "batch_size", 1: "sequence_length"},
+             "audio_tokens": {0: "batch_size", 1: "audio_sequence_length"},
+             "speaker_embeddings": {0: "batch_size"},
+             "speaker_features": {0: "batch_size", 1: "feature_dim"}})
+    _export(dec, (torch.randint(0, 6561, (1, 12)), torch.randn(1, 192), torch.randn(1, 8, 80)),
+            onnx_dir / "conditional_decoder.onnx", ["speech_tokens", "speaker_embeddings", "speaker_features"],
+            ["waveform"], {"speech_tokens": {0: "batch_size", 1: "num_speech_tokens"},
+                           "speaker_embeddings": {0: "batch_size"},
+                           "speaker_features": {0: "batch_size", 1: "feature_dim"},
+                           "waveform": {0: "batch_size", 1: "num_samples"}})
+    for dtype in dtypes:
+        if dtype != "fp32":
+            for name in GRAPHS:
+                _variant(onnx_dir / f"{name}.onnx", dtype)
+    _tokenizer(out, geo["text_vocab"])
+    (out / "config.json").write_text(json.dumps({"model_type": "chatterbox_turbo", "makima_test_export": True,
+                                                  "num_hidden_layers": L, "num_key_value_heads": H,
+                                                  "head_dim": hd, "hidden_size": D}), encoding="utf-8")
+    marker.write_text(json.dumps(stamp), encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------- the package's inference
+
+
+class Reference:
+    """The reference package's modules on an export's weights (reference.pt): for parity tests."""
+
+    def __init__(self, export: Path):
+        import torch
+
+        state = torch.load(Path(export) / "reference.pt", weights_only=False)
+        self.geo = state["geo"]
+        self.t3 = _t3(self.geo, state["seed"])
+        self.t3.load_state_dict(state["t3"])
+        _, _, self.enc, self.dec = _modules(self.t3, self.geo, state["seed"])
+        self.enc.load_state_dict(state["enc"])
+        self.dec.load_state_dict(state["dec"])
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(Path(export) / "tokenizer.json"))
+
+    def conditionals(self, audio_24k: np.ndarray):
+        """(package T3Cond, prompt tokens, x-vector, features) for a 24 kHz clip, computed in torch."""
+        import torch
+        from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+        with torch.no_grad():
+            tokens, ve, feats, xvec = self.enc.parts(torch.from_numpy(audio_24k[None].astype(np.float32)))
+        return T3Cond(speaker_emb=ve, cond_prompt_speech_tokens=tokens[:, :375]), tokens, xvec, feats
+
+    def text_tokens(self, text: str):
+        """The package's text token ids (this export's tokenizer ids less the offset, without START_SPEECH)."""
+        import torch
+
+        ids = [i - SPEECH_VOCAB for i in self.tokenizer.encode(text).ids if i >= SPEECH_VOCAB]
+        return torch.tensor([ids], dtype=torch.long)
+
+    def greedy_tokens(self, text: str, audio_24k: np.ndarray, max_new: int) -> list[int]:
+        """The package's T3.inference_turbo, greedy (top_k=1): the speech tokens it returns."""
+        import contextlib
+        import io
+
+        import torch
+
+        cond, *_ = self.conditionals(audio_24k)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            out = self.t3.inference_turbo(t3_cond=cond, text_tokens=self.text_tokens(text), temperature=1.0,
+                                          top_k=1, top_p=1.0, repetition_penalty=1.0, max_gen_len=max_new - 1)
+        return [int(t) for t in out[0]]
+
+    def decode(self, speech_tokens: list[int], audio_24k: np.ndarray) -> np.ndarray:
+        """The decoder module (the export's source) on prompt + tokens, as the model card calls the graph."""
+        import torch
+
+        _, prompt, xvec, feats = self.conditionals(audio_24k)
+        toks = torch.cat([prompt, torch.tensor([speech_tokens], dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            return self.dec(toks, xvec, feats)[0].numpy()
+
+
+def main(argv: Optional[list] = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--full", action="store_true", help="the real language model's geometry (GPT-2 medium)")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, fp16, q4")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    path = build_chatterbox_export(Path(args.out), tiny=not args.full, dtypes=[d for d in args.dtypes.split(",") if d])
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The Chatterbox-Turbo engine on a tiny random-weight export in the official ONNX layout
+(makima_tts.testing.chatterbox_export), checked against the reference package `chatterbox-tts`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from makima_tts.engine.chatterbox import DTYPES, GRAPHS, HOLD_TOKENS, LEFT_CONTEXT, SILENCE_TOKEN, TAIL_SILENCE, \
+    TOKEN_SAMPLES, ChatterboxEngine, is_chatterbox_export, normalise_text
+from makima_tts.engine.types import GenerationSettings, SamplingParams, VoicePrompt
+from makima_tts.errors import CheckpointError, CloningUnsupported, EmptyText, UnknownLanguage, VoiceNotFound
+
+TEXTS = ["Hello there, this is a test.", "the quick brown fox jumps over the lazy dog"]
+# Chunked decoding against decoding all tokens at once, on the tiny export's decoder (a global attention
+# layer, so a window's audio depends on the tokens outside it), 60 greedy tokens, chunks of 1/1, 2/6 and 8/24
+# tokens: the largest sample difference measured is 0.0034-0.0050 at a peak of 0.69, the difference's energy
+# 53-57 dB below the signal's. Bounded here at 0.02 of full scale and 30 dB.
+CHUNK_BOUND = 0.02
+CHUNK_SNR_DB = 30.0
+# The export against the torch modules it was made from (fp32 graphs): float rounding only.
+EXPORT_BOUND = 1e-4
+
+
+def greedy(max_frames: int = 40, **kw) -> GenerationSettings:
+    return GenerationSettings(talker=SamplingParams(do_sample=False, repetition_penalty=1.0), max_frames=max_frames,
+                              **kw)
+
+
+@pytest.fixture(scope="module")
+def cb_engine(chatterbox_export):
+    return ChatterboxEngine.load(chatterbox_export, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def cb_voice(cb_engine, ref_clip):
+    return cb_engine.create_voice_prompt(ref_clip, 24000)
+
+
+@pytest.fixture(scope="module")
+def cb_reference(chatterbox_export):
+    from makima_tts.testing.chatterbox_export import Reference
+
+    return Reference(chatterbox_export)
+
+
+def test_export_has_the_official_layout(chatterbox_export):
+    import onnxruntime as ort
+
+    assert is_chatterbox_export(chatterbox_export)
+    onnx_dir = chatterbox_export / "onnx"
+    for name in GRAPHS:
+        for dtype in ("fp32", "fp16", "q4"):
+            graph = onnx_dir / f"{name}{DTYPES[dtype]}.onnx"
+            assert graph.is_file() and (onnx_dir / (graph.name + "_data")).is_file()
+    assert (chatterbox_export / "tokenizer.json").is_file()
+
+    def names(graph):
+        s = ort.InferenceSession(str(onnx_dir / f"{graph}.onnx"))
+        return [i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]
+
+    assert names("speech_encoder")[0] == ["audio_values"] and len(names("speech_encoder")[1]) == 4
+    assert names("embed_tokens") == (["input_ids"], ["inputs_embeds"])
+    lm_in, lm_out = names("language_model")
+    assert lm_in[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert lm_in[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert lm_out[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert names("conditional_decoder")[0] == ["speech_tokens", "speaker_embeddings", "speaker_features"]
+
+
+def test_other_folders_are_not_the_layout(tmp_path, tiny_checkpoint):
+    assert not is_chatterbox_export(tiny_checkpoint)
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "language_model.onnx").write_bytes(b"")
+    assert not is_chatterbox_export(tmp_path)
+    with pytest.raises(CheckpointError):
+        ChatterboxEngine.load(tmp_path)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_greedy_tokens_identical_to_the_reference_package(cb_engine, cb_voice, cb_reference, ref_clip, text):
+    from chatterbox.tts_turbo import punc_norm
+
+    assert normalise_text(text) == punc_norm(text)
+    ours = list(cb_engine.speech_tokens(text, cb_voice, greedy(40)))
+    theirs = cb_reference.greedy_tokens(punc_norm(text), ref_clip, 40)
+    assert len(ours) == 40 and ours == theirs
+    # and they depend on the text and on the voice
+    other_voice = cb_engine.create_voice_prompt(ref_clip[::-1].copy(), 24000)
+    assert list(cb_engine.speech_tokens(text, other_voice, greedy(40))) != ours
+    assert list(cb_engine.speech_tokens(text + " Again!", cb_voice, greedy(40))) != ours
+
+
+def test_whole_waveform_matches_the_decoder_it_was_exported_from(cb_engine, cb_voice, cb_reference, ref_clip):
+    tokens = list(cb_engine.speech_tokens(TEXTS[0], cb_voice, greedy(30)))
+    ours = cb_engine.decode_whole(tokens, cb_voice)
+    theirs = cb_reference.decode(tokens + [SILENCE_TOKEN] * TAIL_SILENCE, ref_clip)
+    assert len(ours) == len(theirs) == (len(tokens) + TAIL_SILENCE) * TOKEN_SAMPLES
+    assert np.max(np.abs(ours - theirs)) < EXPORT_BOUND
+
+
+@pytest.mark.parametrize("first,every", [(2, 6), (8, 24), (1, 1)])
+def test_streamed_chunks_match_the_whole_decode_within_the_bound(cb_engine, cb_voice, first, every):
+    settings = greedy(60, first_chunk_frames=first, chunk_frames=every)
+    tokens = list(cb_engine.speech_tokens(TEXTS[1], cb_voice, settings))
+    chunks = list(cb_engine.stream(TEXTS[1], cb_voice, "english", settings))
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.is_last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    # first chunk small (first tokens, after HOLD_TOKENS more are known), then `every` tokens each
+    assert chunks[0].num_frames == first and len(chunks[0].pcm) == first * TOKEN_SAMPLES
+    assert all(c.num_frames == every for c in chunks[1:-1])
+    assert sum(c.num_frames for c in chunks) == len(tokens) == 60
+    assert [c.frame_index for c in chunks] == list(np.cumsum([0] + [c.num_frames for c in chunks[:-1]]))
+    chunked = np.concatenate([c.pcm for c in chunks])
+    whole = cb_engine.decode_whole(tokens, cb_voice)
+    assert len(chunked) == len(whole)
+    diff = chunked - whole
+    assert np.max(np.abs(diff)) < CHUNK_BOUND
+    snr = 10 * np.log10(np.sum(whole ** 2) / max(np.sum(diff ** 2), 1e-20))
+    assert snr > CHUNK_SNR_DB
+    # the window's context is what keeps the joins close: without it they are far off
+    from makima_tts.engine.chatterbox import ChunkedDecoder
+
+    bare = ChunkedDecoder(cb_engine, cb_voice, left=0, hold=0, crossfade=0)
+    pieces = []
+    for i, t in enumerate(tokens):
+        bare.add(t)
+        if (i + 1) % 6 == 0:
+            pieces.append(bare.chunk(final=False)[0])
+    pieces.append(bare.chunk(final=True)[0])
+    assert np.max(np.abs(np.concatenate(pieces) - whole)) > 2 * np.max(np.abs(diff))
+    assert LEFT_CONTEXT > 0 and HOLD_TOKENS > 0
+
+
+def test_voice_prompt_saves_and_loads(cb_engine, cb_voice, tmp_path):
+    path = tmp_path / "prompt.safetensors"
+    cb_voice.save(path)
+    loaded = VoicePrompt.load(path)
+    assert loaded.engine == "chatterbox" and loaded.fingerprint == cb_engine.fingerprint
+    assert set(loaded.tensors) == {"cond_emb", "prompt_token", "speaker_features"}
+    assert list(cb_engine.speech_tokens(TEXTS[0], loaded, greedy(20))) == \
+        list(cb_engine.speech_tokens(TEXTS[0], cb_voice, greedy(20)))
+
+
+def test_sampling_follows_the_seed(cb_engine, cb_voice):
+    def run(seed):
+        s = GenerationSettings(talker=cb_engine.defaults.talker, max_frames=30, seed=seed)
+        return list(cb_engine.speech_tokens(TEXTS[0], cb_voice, s))
+
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "q4"])
+def test_graph_variants_load_and_speak(chatterbox_export, ref_clip, dtype, cb_engine, cb_voice):
+    engine = ChatterboxEngine.load(chatterbox_export, dtype=dtype)
+    assert engine.dtype == dtype and engine.fingerprint != cb_engine.fingerprint
+    voice = engine.create_voice_prompt(ref_clip, 24000)
+    pcm = np.concatenate([c.pcm for c in engine.stream(TEXTS[0], voice, "en", greedy(20))])
+    assert len(pcm) == (20 + TAIL_SILENCE) * TOKEN_SAMPLES and np.all(np.isfinite(pcm))
+    if dtype == "fp16":    # half precision keeps the greedy tokens on this model
+        assert list(engine.speech_tokens(TEXTS[0], voice, greedy(20))) == \
+            list(cb_engine.speech_tokens(TEXTS[0], cb_voice, greedy(20)))
+    with pytest.raises(VoiceNotFound):      # a voice prepared with another export's graphs
+        list(engine.stream(TEXTS[0], cb_voice, "en", greedy(5)))
+
+
+def test_auto_dtype_prefers_q4_on_the_cpu(chatterbox_export):
+    assert ChatterboxEngine.load(chatterbox_export).dtype == "q4"
+    with pytest.raises(CheckpointError):
+        ChatterboxEngine.load(chatterbox_export, dtype="int3")
+
+
+@pytest.mark.parametrize("language", ["german", "chinese", "french"])
+def test_other_languages_are_refused_clearly(cb_engine, cb_voice, language):
+    with pytest.raises(UnknownLanguage) as info:
+        cb_engine.stream("Hallo.", cb_voice, language)
+    assert info.value.code == "UNSUPPORTED_LANGUAGE" and info.value.recoverable
+    assert "English only" in info.value.message
+    for ok in ("auto", "english", "en", "EN-us"):
+        assert next(iter(cb_engine.stream("Hi.", cb_voice, ok, greedy(2)))).pcm.dtype == np.float32
+
+
+def test_what_it_cannot_do_is_a_clear_error(cb_engine, cb_voice, ref_clip, voice):
+    with pytest.raises(CloningUnsupported) as info:
+        cb_engine.create_voice_prompt(ref_clip, 24000, x_vector_only=True)
+    assert info.value.recoverable and "x-vector-only" in info.value.message
+    with pytest.raises(VoiceNotFound):
+        cb_engine.stream("Hi.", None, "en")
+    with pytest.raises(VoiceNotFound):
+        cb_engine.stream("Hi.", "joe", "en")
+    with pytest.raises(VoiceNotFound) as info:         # a Qwen3 prompt
+        cb_engine.stream("Hi.", voice, "en")
+    assert "qwen3" in info.value.message
+    with pytest.raises(EmptyText):
+        cb_engine.stream("  ", cb_voice, "en")
+
+
+def test_cancel_stops_before_the_next_token(cb_engine, cb_voice):
+    from makima_tts.bridge import CancelToken
+
+    cancel = CancelToken()
+    chunks = []
+    for chunk in cb_engine.stream(TEXTS[1], cb_voice, "en", greedy(200, first_chunk_frames=2, chunk_frames=4),
+                                  cancel=cancel):
+        chunks.append(chunk)
+        cancel.cancel()
+    assert len(chunks) == 1 and not chunks[0].is_last
