@@ -225,24 +225,34 @@ def test_voice_ref_names_library_voices_by_prompt_key():
 
 @pytest.mark.parametrize("manifest", ["rayservice-cpu.yaml", "rayservice-gpu.yaml"])
 def test_kuberay_manifests_build_the_application(manifest):
-    """deploy/kuberay: the RayService's application builds with its args (autoscaling bounds, resources)."""
+    """deploy/kuberay: the RayService's application builds with its args: the Ingress deployment (the server's
+    app, at route /) bound to the Engine deployment (autoscaling bounds, resources)."""
     yaml = pytest.importorskip("yaml")
-    from makima_tts.ray_serve import APP_NAME
+    from makima_tts.ray_serve import APP_NAME, DEPLOYMENT, INGRESS
     from makima_tts.ray_serve.app import build
     from makima_tts.testing.server import SOURCE_ROOT
 
     assert SOURCE_ROOT is not None
     docs = list(yaml.safe_load_all((SOURCE_ROOT / "deploy" / "kuberay" / manifest).read_text()))
     service = next(d for d in docs if d["kind"] == "RayService")
-    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    app = config["applications"][0]
     assert app["name"] == APP_NAME and app["import_path"] == "makima_tts.ray_serve.app:build"
-    deployment = build(app["args"])._bound_deployment
+    assert app["route_prefix"] == "/" and config["http_options"]["port"] == 8000
+    ingress = build(app["args"])._bound_deployment
+    assert ingress.name == INGRESS and ingress.num_replicas == app["args"]["ingress_replicas"]
+    engine_app, settings = ingress.init_args
+    deployment = engine_app._bound_deployment
+    assert deployment.name == DEPLOYMENT
     scaling = deployment._deployment_config.autoscaling_config
     lo, hi = (int(x) for x in app["args"]["autoscale"].split(":"))
     assert (scaling.min_replicas, scaling.max_replicas) == (lo, hi)
     assert scaling.target_ongoing_requests == app["args"]["max_streams"]
-    engine_group = next(g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "engine")
-    assert engine_group["maxReplicas"] >= hi                      # room for MAX replicas, one per pod
+    assert settings["max_streams"] == hi * app["args"]["max_streams"]     # the ingress admits what MAX replicas take
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert groups["engine"]["maxReplicas"] >= hi                   # room for MAX replicas, one per pod
+    ingress_cpus = float(groups["ingress"]["rayStartParams"]["num-cpus"])
+    assert groups["ingress"]["replicas"] * ingress_cpus >= ingress.num_replicas * ingress.ray_actor_options["num_cpus"]
     assert ("num_gpus" in deployment.ray_actor_options) == ("gpu" in manifest)
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     assert "makima-voices" in claims

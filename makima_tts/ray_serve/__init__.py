@@ -13,5 +13,6 @@ Nothing here is imported by the plain `serve` path: `import ray` happens only be
 """
 APP_NAME = "makima-tts"
 DEPLOYMENT = "Engine"
+INGRESS = "Ingress"
 NAMESPACE = "makima_tts"
 REGISTRY = "makima-tts-replicas"

@@ -1,8 +1,11 @@
-"""The Ray Serve application: the `Engine` deployment with its options, deployed or attached to.
+"""The Ray Serve application: the `Ingress` deployment (the server's FastAPI app, ingress.py) in front of the
+`Engine` deployment (replica.py), with their options; deployed by `serve --ray`, or by a RayService.
 
-`engine_app(settings, replicas=, autoscale=)` is the application; `build(args)` is the same for
-`serve run` / a KubeRay RayService (`import_path: makima_tts.ray_serve.app:build`, `args:` the
-settings' fields plus `replicas` or `autoscale` "MIN:MAX" and `replica_cpus` / `replica_gpus`).
+`application(settings, replicas=, autoscale=)` is the application; `build(args)` is the same for
+`serve run` / a KubeRay RayService (`import_path: makima_tts.ray_serve.app:build`, `args:` any of the
+settings' fields, the rest from MAKIMA_TTS_* in the environment as `serve` reads them, plus `replicas`
+or `autoscale` "MIN:MAX" (and `autoscaling_config`: more of Serve's, e.g. upscale_delay_s), `replica_cpus`
+/ `replica_gpus`, `ingress_replicas` / `ingress_cpus`).
 """
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from typing import Any, Optional
 from ray import serve
 
 from ..server.settings import Settings
-from . import APP_NAME, DEPLOYMENT
+from . import APP_NAME, DEPLOYMENT, INGRESS
 from .replica import EngineReplica
+
+INGRESS_MAX_ONGOING = 4096     # HTTP requests and WebSocket sessions one ingress replica holds (the app limits work)
 
 
 def parse_autoscale(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -35,9 +40,11 @@ def replica_settings(settings: Settings) -> Settings:
 
 
 def engine_app(settings: Settings, replicas: int = 1, autoscale: Optional[tuple[int, int]] = None,
-               replica_cpus: Optional[float] = None, replica_gpus: Optional[float] = None):
-    """The application: `replicas` fixed, or autoscaled within `autoscale` on ongoing streams with a
-    target of one replica's real-time capacity (Settings.streams(): bench/load.py's figure)."""
+               replica_cpus: Optional[float] = None, replica_gpus: Optional[float] = None,
+               autoscaling: Optional[dict] = None):
+    """The engine deployment: `replicas` fixed, or autoscaled within `autoscale` on ongoing streams with a
+    target of one replica's real-time capacity (Settings.streams(): bench/load.py's figure). `autoscaling`:
+    more of Serve's autoscaling_config (upscale_delay_s, downscale_delay_s, look_back_period_s...) over these."""
     s = replica_settings(settings)
     per = s.streams()
     if replica_gpus is None:
@@ -51,7 +58,7 @@ def engine_app(settings: Settings, replicas: int = 1, autoscale: Optional[tuple[
     if autoscale is not None:
         lo, hi = autoscale
         options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
-                                         "target_ongoing_requests": per}
+                                         "target_ongoing_requests": per, **(autoscaling or {})}
     else:
         options["num_replicas"] = max(1, int(replicas))
     deployment: Any = serve.deployment(EngineReplica)
@@ -59,31 +66,56 @@ def engine_app(settings: Settings, replicas: int = 1, autoscale: Optional[tuple[
     return deployment.bind(s.model_dump(mode="json"))
 
 
+def ingress_settings(settings: Settings, replicas: int = 1, autoscale: Optional[tuple[int, int]] = None) -> Settings:
+    """The ingress admits as many utterances at once as the engine replicas can take together: one
+    replica's streams times the replicas (MAX when autoscaled)."""
+    per = replica_settings(settings).streams()
+    most = autoscale[1] if autoscale is not None else max(1, int(replicas))
+    return settings.model_copy(update={"max_streams": per * most})
+
+
+def application(settings: Settings, replicas: int = 1, autoscale: Optional[tuple[int, int]] = None,
+                replica_cpus: Optional[float] = None, replica_gpus: Optional[float] = None,
+                ingress_replicas: int = 1, ingress_cpus: float = 0.0, autoscaling: Optional[dict] = None):
+    """The whole application: the `Ingress` deployment (HTTP and WebSockets through Serve's proxy), bound
+    to the `Engine` deployment (a deployment handle in the ingress)."""
+    from .ingress import Ingress
+
+    engine = engine_app(settings, replicas, autoscale, replica_cpus, replica_gpus, autoscaling)
+    s = ingress_settings(settings, replicas, autoscale)
+    deployment: Any = serve.deployment(Ingress)
+    deployment = deployment.options(
+        name=INGRESS, num_replicas=max(1, int(ingress_replicas)), max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": float(ingress_cpus)},
+        graceful_shutdown_timeout_s=max(1.0, s.drain_timeout_s) + 5.0)
+    return deployment.bind(engine, s.model_dump(mode="json"))
+
+
 def build(args: dict) -> Any:
-    """App builder for `serve run makima_tts.ray_serve.app:build key=value ...` and RayService configs."""
+    """App builder for `serve run makima_tts.ray_serve.app:build key=value ...` and RayService configs:
+    the settings are `args` over MAKIMA_TTS_* from the environment (as `makima-tts serve` reads them)."""
     args = dict(args or {})
     replicas = int(args.pop("replicas", 1))
     autoscale = parse_autoscale(args.pop("autoscale", None))
     cpus = args.pop("replica_cpus", None)
     gpus = args.pop("replica_gpus", None)
+    ingress_replicas = int(args.pop("ingress_replicas", 1))
+    ingress_cpus = float(args.pop("ingress_cpus", 0.0))
+    autoscaling = args.pop("autoscaling_config", None)
     settings = Settings(**args)
-    return engine_app(settings, replicas, autoscale, float(cpus) if cpus is not None else None,
-                      float(gpus) if gpus is not None else None)
+    return application(settings, replicas, autoscale, float(cpus) if cpus is not None else None,
+                       float(gpus) if gpus is not None else None, ingress_replicas, ingress_cpus, autoscaling)
 
 
 def deployed() -> bool:
-    """Whether the application runs on the cluster already (a RayService deployed it; another ingress)."""
+    """Whether the application runs on the cluster already (a RayService, or another `serve --ray`, deployed it)."""
     try:
         return APP_NAME in serve.status().applications
     except Exception:
         return False
 
 
-def deploy_or_attach(settings: Settings, replicas: int = 1, autoscale=None, replica_cpus=None, replica_gpus=None,
-                     attach: bool = True):
-    """(handle, deployed_here): attach to the running application, or deploy it (waits until its
-    replicas are up)."""
-    if attach and deployed():
-        return serve.get_app_handle(APP_NAME), False
-    app = engine_app(settings, replicas, autoscale, replica_cpus, replica_gpus)
-    return serve.run(app, name=APP_NAME, route_prefix=None), True
+def deploy(app) -> Any:
+    """Deploy the application at route / of Serve's proxy; waits until its replicas are up (the ingress
+    waits for an engine replica). Returns the ingress deployment's handle."""
+    return serve.run(app, name=APP_NAME, route_prefix="/")

@@ -1,25 +1,32 @@
-"""`makima-tts serve --ray [--replicas N | --autoscale MIN:MAX]`: the ingress here, the engine on Ray Serve.
+"""`makima-tts serve --ray [--replicas N | --autoscale MIN:MAX]`: the server as a Ray Serve application.
 
-Joins the cluster at RAY_ADDRESS, or starts a local one (loopback). Deploys the `Engine` application
-(or attaches to it when a RayService deployed it already), waits for a replica, then serves the
-usual app under uvicorn with a RayEngine as its engine. On exit it removes what it deployed.
+Joins the cluster at RAY_ADDRESS, or starts a local one (loopback). Starts Serve's HTTP proxy on --host /
+--port and deploys the application (app.py): the `Ingress` deployment (the server's FastAPI app) and the
+`Engine` deployment; returns to waiting once the ingress is up (it waits for an engine replica). On
+SIGINT / SIGTERM it drains the ingress (as `serve` does), then removes what it deployed (a local cluster
+goes as a whole). A cluster where the application runs already (a RayService) is left alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
+import time
 from typing import Any
 
 log = logging.getLogger("makima_tts.ray")
+AUTOSCALING_ENV = "MAKIMA_TTS_RAY_AUTOSCALING"    # JSON: more of Serve's autoscaling_config (e.g. upscale_delay_s)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray Serve (pip install 'makima-tts[ray]')")
     g.add_argument("--ray", action="store_true", default=False,
-                   help="run the engine on Ray Serve replicas (joins RAY_ADDRESS, or starts a local cluster); "
-                        "this process is the ingress")
+                   help="run as a Ray Serve application: an ingress deployment (this server's app) and engine "
+                        "replicas, behind Serve's HTTP proxy on --host/--port (joins RAY_ADDRESS, or starts a local "
+                        "cluster)")
     g.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (default 1)")
     g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                    help="with --ray: scale the engine replicas between MIN and MAX on ongoing streams (target: "
@@ -38,10 +45,14 @@ def run(args: argparse.Namespace, settings) -> int:
         print(f"error [MISSING_EXTRA]: --ray needs the `ray` extra: pip install 'makima-tts[ray]' ({e})",
               file=sys.stderr)
         return 2
-    from .app import deploy_or_attach, parse_autoscale, replica_settings
+    from . import APP_NAME
+    from .app import application, deploy, deployed, parse_autoscale
 
     try:
         autoscale = parse_autoscale(args.autoscale)
+        autoscaling = json.loads(os.environ.get(AUTOSCALING_ENV) or "{}")
+        if not isinstance(autoscaling, dict):
+            raise ValueError(f"{AUTOSCALING_ENV} is a JSON object of Serve's autoscaling_config fields")
     except ValueError as e:
         print(f"error [INVALID_SETTING]: {e}", file=sys.stderr)
         return 2
@@ -59,40 +70,50 @@ def run(args: argparse.Namespace, settings) -> int:
     local_opts: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if address is None else {}   # a local cluster: loopback only
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING if quiet else logging.INFO,
              log_to_driver=not quiet, configure_logging=True, **local_opts)
+    signal.signal(signal.SIGTERM, _interrupt)   # (after ray.init, which has its own) as SIGINT: drain, remove, exit
     local = address is None
-    deployed_here = False
+    handle = None
     try:
-        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING" if quiet else "INFO"})
-        settings = replica_settings(settings)
-        handle, deployed_here = deploy_or_attach(settings, replicas, autoscale, args.replica_cpus, args.replica_gpus)
-        from .engine import RayEngine, metrics_collector
-
-        engine = RayEngine.connect(handle)
-        per = int(engine.info.get("max_streams") or settings.streams())
-        most = autoscale[1] if autoscale is not None else replicas
-        # the ingress admits as many utterances at once as the replicas can take together
-        ingress = settings.model_copy(update={"max_streams": per * most})
-        log.info("ray: %s engine %s on %s replica(s) (%d streams each); %s cluster", engine.name, engine.model_id,
-                 f"{autoscale[0]}-{autoscale[1]}" if autoscale else replicas, per, "a local" if local else "the")
-        from ..server.app import create_app
-        from ..server.serve import make_server
-
-        app = create_app(ingress, engine=engine)
-        app.state.ctx.metrics.registry.register(metrics_collector(engine))
-        server = make_server(app)
-        server.run()
-        return 0 if server.started else 3
-    finally:
+        # Serve's HTTP proxy is the address: HTTP and WebSockets go to the Ingress deployment
+        serve.start(http_options={"host": settings.host, "port": settings.port},
+                    proxy_location="HeadOnly" if local else "EveryNode",
+                    logging_config={"log_level": "WARNING" if quiet else "INFO"})
+        if not local and deployed():
+            print(f"error [ALREADY_DEPLOYED]: the `{APP_NAME}` application already runs on this cluster (a RayService "
+                  "or another `serve --ray` deployed it); its address is Serve's HTTP proxy", file=sys.stderr)
+            return 2
+        app = application(settings, replicas, autoscale, args.replica_cpus, args.replica_gpus,
+                          autoscaling=autoscaling or None)
         try:
-            if deployed_here and not local:     # a local cluster goes as a whole below
-                serve.delete(_app_name())
+            handle = deploy(app)          # returns once the ingress is up, which waits for an engine replica
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            log.error("ray: the application did not start: %s", e)
+            return 3
+        log.info("ray: serving on http://%s:%d (Serve's proxy): the Ingress deployment, the Engine deployment on %s "
+                 "replica(s); %s cluster", settings.host, settings.port,
+                 f"{autoscale[0]}-{autoscale[1]}" if autoscale else replicas, "a local" if local else "the")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)      # the clean-up runs to its end
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if handle is not None:      # running utterances finish, clients hear SERVER_SHUTDOWN
+                try:
+                    handle.drain.remote().result(timeout_s=settings.drain_timeout_s + 10.0)
+                except Exception as e:
+                    log.warning("ray: draining the ingress failed: %s", e)
+                if not local:           # a local cluster goes as a whole below
+                    serve.delete(APP_NAME)
             if local:
                 serve.shutdown()
         finally:
             ray.shutdown()
 
 
-def _app_name() -> str:
-    from . import APP_NAME
-
-    return APP_NAME
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

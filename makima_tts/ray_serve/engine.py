@@ -77,13 +77,12 @@ class RayEngine:
         self.fingerprint: str = info.get("fingerprint", "")
         self.defaults: GenerationSettings = info.get("defaults") or GenerationSettings()
         self._builtin: list[VoiceInfo] = list(info.get("builtin_voices") or [])
-        self.registry = registry if registry is not None else get_registry()
+        self.registry = registry                  # the replicas' registry (looked up by the poll thread)
         self._replicas: list[dict] = []
         self._lock = threading.Lock()
         self.lost = 0                   # utterances that lost their replica mid-stream
         self.resent = 0                 # utterances sent again after a replica was lost before audio
         self._stop = threading.Event()
-        self._poll()
         threading.Thread(target=self._poll_loop, name="makima-ray-registry", daemon=True).start()
 
     @classmethod
@@ -190,6 +189,8 @@ class RayEngine:
 
     def _poll(self) -> None:
         try:
+            if self.registry is None:
+                self.registry = get_registry()
             snapshot = ray.get(self.registry.snapshot.remote(), timeout=5.0)
         except Exception as e:        # the registry is restarting: keep the last view a little longer
             log.debug("registry poll failed: %s", e)
@@ -198,6 +199,7 @@ class RayEngine:
             self._replicas = snapshot
 
     def _poll_loop(self) -> None:
+        self._poll()
         while not self._stop.wait(REPORT_S):
             self._poll()
 
