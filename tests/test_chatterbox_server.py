@@ -1,0 +1,112 @@
+"""`makima-tts serve` with the Chatterbox engine (a tiny random-weight export in the official ONNX layout),
+over real sockets: /ready, the WebSocket protocol, the OpenAI endpoint, the voice library."""
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+
+from makima_tts.audio import wav_bytes
+from makima_tts.testing.server import ServerProcess, metric
+from tests.test_server import add_voice, sdk
+from tests.wsclient import Client
+
+openai = pytest.importorskip("openai")
+av = pytest.importorskip("av")
+
+
+@pytest.fixture(scope="module")
+def cb_voices(tmp_path_factory, ref_clip):
+    d = tmp_path_factory.mktemp("cb-voices")
+    add_voice(d, ref_clip)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cb_server(chatterbox_export, cb_voices, tmp_path_factory):
+    """engine auto: the checkpoint folder's layout picks Chatterbox."""
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with ServerProcess("--checkpoint", str(chatterbox_export), "--onnx-dtype", "fp32", "--voices-dir",
+                       str(cb_voices), "--default-voice", "tester", "--max-streams", "2", log_path=log) as s:
+        s.wait_ready()
+        yield s
+
+
+def test_auto_picks_chatterbox_and_ready_names_it(cb_server):
+    ready = httpx.get(cb_server.url + "/ready").json()
+    assert ready["engine"] == "chatterbox" and ready["cloning"] is True and ready["batched"] is False
+    assert ready["sample_rate"] == 24000 and "Chatterbox" in ready["reason"]
+    models = httpx.get(cb_server.url + "/v1/models").json()["data"]
+    assert models[-1]["owned_by"] == "chatterbox"
+
+
+def test_websocket_streams_a_cloned_voice(cb_server):
+    with Client(cb_server.ws_url) as c:
+        ready = c.recv_json()
+        assert ready["type"] == "ready" and ready["engine"] == "chatterbox" and ready["voice"] == "tester"
+        end, audio = c.utterance("Hello world, this is Chatterbox.", id="a")
+        kinds = ["bin" if isinstance(m, bytes) else m["type"] for m in c.log]
+        assert kinds.count("bin") > 2                      # streamed in several pieces
+        pcm = np.frombuffer(audio, "<i2")
+        assert len(pcm) > 24000 // 2 and abs(len(pcm) / 24 - end["audio_ms"]) < 1.0
+        assert end["ttfa_ms"] > 0
+
+
+def test_other_languages_are_a_recoverable_error(cb_server):
+    with Client(cb_server.ws_url) as c:
+        c.recv_json()
+        c.send(type="speak", text="Hallo Welt.", language="german", id="de")
+        err = c.recv_json()
+        assert err["type"] == "error" and err["code"] == "UNSUPPORTED_LANGUAGE" and err["recoverable"] is True
+        assert "English only" in err["message"]
+        _, audio = c.utterance("Hello again.", id="en", language="english")     # the session goes on
+        assert len(audio) > 0
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(cb_server).audio.speech.create(model="tts-1", voice="tester", input="Bonjour.",
+                                           extra_body={"language": "french"})
+    assert info.value.code == "UNSUPPORTED_LANGUAGE"
+
+
+def test_openai_endpoint_speaks(cb_server):
+    data = sdk(cb_server).audio.speech.create(model="tts-1", voice="tester", input="Hello there.",
+                                              response_format="wav").read()
+    with av.open(io.BytesIO(data)) as f:
+        stream = f.streams.audio[0]
+        pcm = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(stream)])
+        assert stream.rate == 24000 and len(pcm) > 12000
+
+
+def test_voice_uploaded_for_chatterbox_is_prepared_once_and_x_vector_only_refused(cb_server, ref_clip):
+    before = metric(cb_server, "makima_voice_prompt_computations_total") or 0
+    r = httpx.post(cb_server.url + "/api/v1/voices", timeout=120,
+                   files={"file": ("bea.wav", wav_bytes(ref_clip, 24000), "audio/wav")}, data={"name": "Bea"})
+    assert r.status_code == 201, r.text
+    vid = r.json()["voice_id"]
+    for _ in range(2):
+        with Client(cb_server.ws_url) as c:
+            c.recv_json()
+            _, audio = c.utterance("Hello.", voice=vid)
+            assert len(audio) > 0
+    assert metric(cb_server, "makima_voice_prompt_computations_total") == before + 1
+    r = httpx.post(cb_server.url + "/api/v1/voices", timeout=120,
+                   files={"file": ("xv.wav", wav_bytes(ref_clip, 24000), "audio/wav")},
+                   data={"voice_id": "xv", "name": "XV", "x_vector_only": "true"})
+    assert r.status_code >= 400 and "x-vector-only" in r.json()["error"]["message"]
+    assert httpx.get(cb_server.url + "/api/v1/voices/xv").status_code == 404
+
+
+def test_engine_chatterbox_needs_its_export(chatterbox_export, tiny_checkpoint, tmp_path):
+    with ServerProcess("--engine", "chatterbox", "--checkpoint", str(chatterbox_export), "--voices-dir",
+                       str(tmp_path / "v")) as s:
+        assert s.wait_ready()["engine"] == "chatterbox"
+    # a Qwen3 checkpoint is not a Chatterbox export: the start fails, saying why
+    with ServerProcess("--engine", "chatterbox", "--checkpoint", str(tiny_checkpoint), "--voices-dir",
+                       str(tmp_path / "v"), log_path=tmp_path / "log") as s:
+        s.proc.wait(120)
+        assert s.proc.returncode != 0 and "not a Chatterbox-Turbo ONNX export" in s.log()
+    # and auto with a Qwen3 checkpoint still serves Qwen3
+    with ServerProcess("--checkpoint", str(tiny_checkpoint), "--voices-dir", str(tmp_path / "v"),
+                       "--default-voice", "tester") as s:
+        assert s.wait_ready()["engine"] == "qwen3"
