@@ -17,6 +17,12 @@ DIR.vox-bf16-q8.tmod), and times it in a child of that venv (bench/vox_peer.py) 
 clip, transcript, text and frame count (VOX_DEBUG_NO_EOS=1). --batch N: our engine also with N
 concurrent streams through one BatchedEngine (bench/batch.py's run_streams). --device: where
 our engine runs (cuda only when torch sees one).
+
+--engine chatterbox: also the Chatterbox-Turbo engine in the same run, once per --onnx-dtypes variant
+(default fp32,q4), on --chatterbox-export or a random-weight export built (once, in --cache) by
+makima_tts.testing.chatterbox_export with the real language model's geometry (GPT-2 medium, 24 layers) and
+the small stand-in speech encoder and decoder (so its decode cost is not the real S3Gen decoder's). It
+generates the same audio length as the Qwen3 runs (2 speech tokens per 80 ms frame).
 """
 from __future__ import annotations
 
@@ -96,6 +102,40 @@ def run_ours(args) -> dict:
         peak_rss_mb=round(peak_rss_mb()), quantize=engine.quantize,
         weights=getattr(engine, "load_info", {}).get("weights"),
     )
+
+
+def run_chatterbox(args) -> dict:
+    """The Chatterbox engine (one graph variant, --quantize carries it to the child) on the same clip and text."""
+    from makima_tts.engine.chatterbox import ChatterboxEngine
+    from makima_tts.engine.types import GenerationSettings, GenerationStats
+
+    t0 = time.perf_counter()
+    engine = ChatterboxEngine.load(args.checkpoint, dtype=args.quantize, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    voice = engine.create_voice_prompt(reference_clip(3.0), 24000)
+    prompt_s = time.perf_counter() - t0
+    tokens = 2 * args.frames             # 25 speech tokens per second against Qwen3's 12.5 frames
+    list(engine.stream(TEXT, voice, "english", GenerationSettings(talker=engine.defaults.talker, seed=0,
+                                                                  max_frames=2 * args.warmup_frames)))
+    settings = GenerationSettings(talker=engine.defaults.talker, seed=1, max_frames=tokens,
+                                  first_chunk_frames=engine.defaults.first_chunk_frames,
+                                  chunk_frames=engine.defaults.chunk_frames)
+    stats = GenerationStats()
+    samples = 0
+    t0 = time.perf_counter()
+    for chunk in engine.stream(TEXT, voice, "english", settings, stats=stats):
+        samples += len(chunk.pcm)
+    total = time.perf_counter() - t0
+    frames = stats.frames or 0
+    audio_s = samples / engine.sample_rate
+    return dict(device="cpu", frames=frames, audio_s=round(audio_s, 3),
+                frame_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1),
+                talker_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1), predictor_ms=None,
+                prefill_s=round(stats.prefill_s, 3), decode_s_per_audio_s=round(stats.decode_s / audio_s, 3),
+                ttfa_s=round(stats.ttfa_s or 0.0, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
+                prompt_s=round(prompt_s, 3), load_s=round(load_s, 2), peak_rss_mb=round(peak_rss_mb()),
+                quantize=engine.dtype, weights="onnx")
 
 
 def run_batch(engine, voice, args) -> dict:
@@ -198,8 +238,8 @@ def run_reference(args) -> dict:
     )
 
 
-def child(system: str, args, quantize: str = "none") -> dict:
-    cmd = [sys.executable, __file__, "--child", system, "--checkpoint", str(args.checkpoint), "--frames",
+def child(system: str, args, quantize: str = "none", checkpoint: str = "") -> dict:
+    cmd = [sys.executable, __file__, "--child", system, "--checkpoint", str(checkpoint or args.checkpoint), "--frames",
            str(args.frames), "--dtype", args.dtype, "--threads", str(args.threads),
            "--first-chunk-frames", str(args.first_chunk_frames), "--quantize", quantize,
            "--warmup-frames", str(args.warmup_frames), "--device", args.device, "--batch", str(args.batch)]
@@ -229,6 +269,10 @@ def main() -> None:
     ap.add_argument("--peer", default="", help="also run a peer in the same run: vox (vox-tts 0.19.5, q8)")
     ap.add_argument("--batch", type=int, default=0, help="also run our engine with N concurrent batched streams")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where our engine runs")
+    ap.add_argument("--engine", default="qwen3", choices=["qwen3", "chatterbox"],
+                    help="chatterbox: also run the Chatterbox-Turbo engine beside Qwen3 (same run)")
+    ap.add_argument("--chatterbox-export", help="Chatterbox ONNX export folder (default: build a random one in --cache)")
+    ap.add_argument("--onnx-dtypes", default="fp32,q4", help="the Chatterbox graph variants to run (comma list)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda" and not args.child:
@@ -241,8 +285,8 @@ def main() -> None:
         sys.exit(f"--peer {args.peer}: only vox is supported")
 
     if args.child:
-        result = {"ours": run_ours, "reference": run_reference, "floors": lambda a: measure_floors(a.threads)}[
-            args.child](args)
+        result = {"ours": run_ours, "reference": run_reference, "chatterbox": run_chatterbox,
+                  "floors": lambda a: measure_floors(a.threads)}[args.child](args)
         print(json.dumps(result))
         return
 
@@ -265,6 +309,20 @@ def main() -> None:
         systems.append(name)
     if not args.skip_reference:
         results["reference"] = child("reference", args)
+    if args.engine == "chatterbox":
+        dtypes = [d.strip() for d in args.onnx_dtypes.split(",") if d.strip()]
+        export = args.chatterbox_export
+        if not export:
+            from makima_tts.testing.chatterbox_export import build_chatterbox_export
+
+            name = "chatterbox-tiny" if args.tiny else "chatterbox-full"
+            print(f"chatterbox export: building/using {args.cache}/{name}", file=sys.stderr)
+            export = str(build_chatterbox_export(Path(args.cache) / name, tiny=args.tiny,
+                                                 dtypes=sorted(set(dtypes) | {"fp32"})))
+        results["settings"]["chatterbox_export"] = export
+        for d in dtypes:
+            results[f"chatterbox_{d}"] = child("chatterbox", args, d, checkpoint=export)
+            systems.append(f"chatterbox_{d}")
     if args.peer == "vox":
         results["peer"] = run_vox(args)
     results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
