@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from makima_tts.audio import wav_bytes
-from makima_tts.testing.server import ServerProcess, metric
+from makima_tts.testing.server import ServerProcess, free_port, metric
 from tests.test_server import add_voice, sdk
 from tests.wsclient import Client
 
@@ -28,8 +28,11 @@ def cb_voices(tmp_path_factory, ref_clip):
 def cb_server(chatterbox_export, cb_voices, tmp_path_factory):
     """engine auto: the checkpoint folder's layout picks Chatterbox."""
     log = tmp_path_factory.mktemp("log") / "server.log"
+    port = free_port()
     with ServerProcess("--checkpoint", str(chatterbox_export), "--onnx-dtype", "fp32", "--voices-dir",
-                       str(cb_voices), "--default-voice", "tester", "--max-streams", "2", log_path=log) as s:
+                       str(cb_voices), "--default-voice", "tester", "--max-streams", "2", "--wyoming-port", str(port),
+                       log_path=log) as s:
+        s.wyoming_port = port
         s.wait_ready()
         yield s
 
@@ -76,6 +79,29 @@ def test_openai_endpoint_speaks(cb_server):
         stream = f.streams.audio[0]
         pcm = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(stream)])
         assert stream.rate == 24000 and len(pcm) > 12000
+
+
+def test_wyoming_speaks_with_the_library_voice(cb_server):
+    import asyncio
+
+    from wyoming.audio import AudioStart
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe, Info
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    from tests.test_wyoming import kinds, read_until
+
+    async def go():
+        async with AsyncTcpClient("127.0.0.1", cb_server.wyoming_port) as c:
+            await c.write_event(Describe().event())
+            info = Info.from_event((await read_until(c, "info"))[-1])
+            await c.write_event(Synthesize(text="Hello there.", voice=SynthesizeVoice(name="tester")).event())
+            return info, await read_until(c, "audio-stop", "error")
+
+    info, events = asyncio.run(asyncio.wait_for(go(), 240))
+    assert "tester" in {v.name for v in info.tts[0].voices}
+    assert kinds(events) == ["audio-start", "chunks", "audio-stop"], kinds(events)
+    assert AudioStart.from_event(events[0]).rate == 24000
 
 
 def test_voice_uploaded_for_chatterbox_is_prepared_once_and_x_vector_only_refused(cb_server, ref_clip):

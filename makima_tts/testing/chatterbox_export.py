@@ -135,9 +135,13 @@ def _modules(t3, geo: dict, seed: int):
             allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
             bias = torch.where(allowed, torch.zeros((), dtype=x.dtype), torch.full((), -1e4, dtype=x.dtype))
             presents = []
+
+            def dense(t, m):     # GPT-2's Conv1D as MatMul + Add (what the 4-bit MatMul quantizer takes)
+                return torch.matmul(t, m.weight) + m.bias
+
             for i, block in enumerate(self.tfmr.h):
                 h = block.ln_1(x)
-                qkv = block.attn.c_attn(h)
+                qkv = dense(h, block.attn.c_attn)
                 q, k, v = qkv.split(D, dim=2)
                 q = q.view(q.shape[0], S, H, hd).transpose(1, 2)
                 k = k.view(k.shape[0], S, H, hd).transpose(1, 2)
@@ -148,8 +152,8 @@ def _modules(t3, geo: dict, seed: int):
                 att = torch.matmul(q, k.transpose(-1, -2)) / float(hd) ** 0.5 + bias
                 att = torch.softmax(att, dim=-1)
                 a = torch.matmul(att, v).transpose(1, 2).reshape(x.shape[0], S, D)
-                x = x + block.attn.c_proj(a)
-                x = x + block.mlp(block.ln_2(x))
+                x = x + dense(a, block.attn.c_proj)
+                x = x + dense(block.mlp.act(dense(block.ln_2(x), block.mlp.c_fc)), block.mlp.c_proj)
             x = self.tfmr.ln_f(x)
             return (self.speech_head(x), *presents)
 
@@ -306,7 +310,7 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
     import torch
 
     out = Path(out)
-    stamp = {"format": "makima-chatterbox-test/1", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
+    stamp = {"format": "makima-chatterbox-test/2", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
     marker = out / "makima-test-export.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
