@@ -348,3 +348,27 @@ def test_streams_share_codec_calls(engine, voice, xvoice):
             assert a.shape == b.shape and np.max(np.abs(a - b)) < 2e-3
     finally:
         be.close()
+
+
+def test_voice_prefix_computed_once_same_codes(engine, ref_clip, monkeypatch):
+    """The talker's voice-only first positions are computed once per voice and language, copied into
+    each utterance's cache row, and give the codes of prefilling the whole prompt."""
+    from makima_tts.engine import qwen3
+    from makima_tts.testing import REF_TEXT
+
+    voice = engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT)     # fresh: nothing cached on it
+    calls = []
+    real = qwen3.compute_prefix
+    monkeypatch.setattr(qwen3, "compute_prefix", lambda *a: calls.append(a[1].shape[1]) or real(*a))
+    with_prefix = [solo(engine, text, voice, greedy(8)) for text in TEXTS[:2]]
+    assert len(calls) == 1                        # one voice, one language: one prefix for both texts
+    row = engine.plan(TEXTS[0], voice, "english", greedy(8))
+    ref_ids = engine._ref_ids(voice)
+    assert row.prompt.prefix is not None and row.prompt.prefix.length == calls[0] > 9 + len(ref_ids) - 1
+    assert row.prompt.length == row.prompt.prefix.length + row.prompt.embeds.shape[1]
+    engine.plan(TEXTS[0], voice, "auto", greedy(8))
+    assert len(calls) == 2 and calls[1] == calls[0] - 1      # "auto": no language position, its own prefix
+    monkeypatch.setattr(qwen3, "voice_prefix_length", lambda *a: 0)       # the whole prompt prefilled
+    assert engine.plan(TEXTS[0], voice, "english", greedy(8)).prompt.prefix is None
+    for text, codes in zip(TEXTS[:2], with_prefix):
+        assert torch.equal(solo(engine, text, voice, greedy(8)), codes)

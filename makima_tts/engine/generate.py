@@ -54,10 +54,45 @@ class SpecialIds:
 
 @dataclass
 class Prompt:
-    embeds: torch.Tensor          # (1, n, hidden): the prefill
+    embeds: torch.Tensor          # (1, n, hidden): the prefill (after `prefix`, when there is one)
     trailing: torch.Tensor        # (1, m, hidden): text fed one per generated frame, then tts_pad
     pad_embed: torch.Tensor       # (1, 1, hidden)
     eos_embed: torch.Tensor       # (1, 1, hidden): ends the text track (appended at a feed's close)
+    prefix: Optional["Prefix"] = None   # the talker's keys and values of the first positions, computed once
+
+    @property
+    def length(self) -> int:
+        """Positions the prompt fills in the talker's cache (prefix included)."""
+        return (self.prefix.length if self.prefix is not None else 0) + self.embeds.shape[1]
+
+
+@dataclass
+class Prefix:
+    """The talker's keys and values for a prompt's first `length` positions: the chat framing, the
+    control and speaker positions and, in ICL mode, the positions where the reference transcript
+    lies over the reference frames. They depend on the voice and the language alone (attention is
+    causal), so they are computed once per voice and language and copied into each utterance's
+    cache row instead of being prefilled again (see `voice_prefix_length`, `compute_prefix`)."""
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]     # per layer: keys, values (kv_heads, length, head_dim)
+
+
+def voice_prefix_length(voice: VoicePrompt, language_id: Optional[int], ref_text_ids: Optional[list[int]]) -> int:
+    """How many leading positions of `build_prompt`'s layout do not depend on the target text."""
+    head = 3 + (3 if language_id is None else 4) + 2            # role, control, speaker, codec_pad
+    if voice.icl and voice.ref_codes is not None and ref_text_ids is not None:
+        return head + min(len(ref_text_ids), 1 + int(voice.ref_codes.shape[0]))
+    return head
+
+
+@torch.inference_mode()
+def compute_prefix(talker: Talker, embeds: torch.Tensor) -> Prefix:
+    """Run the talker over `embeds` (1, n, hidden) (a prompt's first n positions) -> their keys and values."""
+    n = embeds.shape[1]
+    cache = talker.model.new_cache(1, n)
+    talker.model(embeds, torch.arange(n, device=embeds.device).expand(1, n), cache)
+    return Prefix(n, [(kv.k[0, :, :n].clone(), kv.v[0, :, :n].clone()) for kv in cache.layers])
 
 
 def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: VoicePrompt,
@@ -306,19 +341,23 @@ class FrameGenerator:
         if not rows:
             return
         lengths = [r.prompt.embeds.shape[1] for r in rows]
+        starts = [r.prompt.prefix.length if r.prompt.prefix is not None else 0 for r in rows]
         n = max(lengths)
         hidden = self.talker.hidden_size
         x = torch.zeros(len(rows), n, hidden, dtype=rows[0].prompt.embeds.dtype, device=self.talker.device)
         for i, r in enumerate(rows):
             x[i, :lengths[i]] = r.prompt.embeds[0]
         first = len(self.rows)
-        self.cache.reserve(first + len(rows), n + 64)
+        self.cache.reserve(first + len(rows), max(starts) + n + 64)
         self.predictor_cache.reserve(first + len(rows), self.talker.num_groups + 1)
-        positions = torch.arange(n, device=x.device).expand(len(rows), n)
+        for i, r in enumerate(rows):
+            if r.prompt.prefix is not None:
+                self.cache.write_prefix(first + i, r.prompt.prefix.layers)
+        positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(n, device=x.device)
         last = torch.tensor(lengths, device=x.device) - 1
         logits, h = self.talker(x, positions, self.cache, slice(first, first + len(rows)), last=last)
-        for r, length in zip(rows, lengths):
-            r.position, r.frames, r.history, r.pending = length, 0, [], False
+        for r, start, length in zip(rows, starts, lengths):
+            r.position, r.frames, r.history, r.pending = start + length, 0, [], False
         self._take_code0(rows, logits, h)
         self.rows.extend(rows)
 

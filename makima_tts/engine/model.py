@@ -215,6 +215,13 @@ class Cache:
         for kv in self.layers:
             kv.move(src, dst, length)
 
+    def write_prefix(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keys and values computed elsewhere (kv_heads, n, head_dim per layer) into row `row`'s first n positions."""
+        for kv, (k, v) in zip(self.layers, layers):
+            n = k.shape[1]
+            kv.k[row, :, :n] = k
+            kv.v[row, :, :n] = v
+
     def step(self, rows: slice, positions: torch.Tensor) -> Step:
         """The per-pass tables for rows `rows` writing `positions` (b, t) (grows the cache as needed)."""
         top = int(positions.max()) + 1

@@ -11,6 +11,7 @@ streaming decoder keeps the state it needs), and chunks leave after
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -24,7 +25,8 @@ from ..audio import check_clip_length, resample, to_mono_f32
 from ..errors import EmptyText, InvalidAudio
 from .checkpoint import Checkpoint, fingerprint, load_talker, parse_device, parse_dtype
 from .codec import Codec, decoder_dtype_for
-from .generate import FrameGenerator, Row, SpecialIds, TextFeed, build_prompt, generate_frames, tokens_needed
+from .generate import (FrameGenerator, Prompt, Row, SpecialIds, TextFeed, build_prompt, compute_prefix,
+                       generate_frames, tokens_needed, voice_prefix_length)
 from .model import Talker
 from .speaker import SpeakerEncoder
 from .tokenizer import TextTokenizer
@@ -194,6 +196,7 @@ class Qwen3Engine:
         self.fingerprint = fingerprint(checkpoint.folder)
         self.defaults = self._defaults(checkpoint.generation_config)
         self._seed_lock = threading.Lock()
+        self._prefix_lock = threading.Lock()
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -291,7 +294,7 @@ class Qwen3Engine:
         row = self.plan(text, voice, language, settings or self.defaults, cancel)
         if row is None:                       # cancelled while waiting for text
             return
-        gen = FrameGenerator(self.talker, self.ids, rows=1, length=row.prompt.embeds.shape[1] + 64)
+        gen = FrameGenerator(self.talker, self.ids, rows=1, length=row.prompt.length + 64)
         yield from generate_frames(gen, row, cancel, stats)
 
     def new_feed(self, max_chars: Optional[int] = None) -> TextFeed:
@@ -330,19 +333,42 @@ class Qwen3Engine:
             role_ids = self.tokenizer.encode(_chat(""))[:3]
         max_frames = settings.max_frames or (self.max_frames_for(len(body_ids)) if complete else
                                              self.max_frames_for(10**6))
+        language_id = self.ids.languages.get(lang)
         with torch.inference_mode():
-            prompt = build_prompt(self.talker, self.ids, role_ids + body_ids, voice, self.ids.languages.get(lang),
+            prompt = build_prompt(self.talker, self.ids, role_ids + body_ids, voice, language_id,
                                   ref_ids, complete=complete)
+        prompt = self._with_prefix(prompt, voice, language_id, ref_ids)
         return Row(prompt=prompt, max_frames=max_frames, talker_params=settings.talker,
                    predictor_params=settings.predictor, generator=self._generator(settings.seed),
                    feed=feed, fed=len(body_ids), text_complete=complete,
                    limit_for_tokens=None if settings.max_frames else self.max_frames_for)
 
     def prepare_voice(self, voice: VoicePrompt) -> VoicePrompt:
-        """Do a voice's one-time work now (run its reference codes through the codec), so that its
-        first utterance starts as fast as the next ones. Returns the same voice."""
+        """Do a voice's one-time work now (run its reference codes through the codec; the talker's
+        prefix for language "auto"), so that its first utterance starts as fast as the next ones.
+        Returns the same voice."""
         self._streaming_decoder(voice)
+        if not voice.icl or voice.ref_text:
+            self.plan("a", voice, "auto", self.defaults)
         return voice
+
+    def _with_prefix(self, prompt: Prompt, voice: VoicePrompt, language_id: Optional[int],
+                     ref_ids: Optional[list[int]]) -> Prompt:
+        """`prompt` with its voice-only first positions taken from the talker prefix kept on the voice
+        object (computed on first use per language): an utterance prefills only what its text changes.
+        Same codes either way (tested)."""
+        n = voice_prefix_length(voice, language_id, ref_ids)
+        if n == 0 or n >= prompt.embeds.shape[1]:
+            return prompt
+        cached = getattr(voice, "_talker_prefixes", None)
+        if cached is None or cached[0] is not self.talker or cached[1] is not voice.speaker_embedding:
+            cached = (self.talker, voice.speaker_embedding, {})
+            voice._talker_prefixes = cached     # not a dataclass field: not saved, not compared
+        with self._prefix_lock:
+            prefix = cached[2].get(language_id)
+            if prefix is None or prefix.length != n:
+                prefix = cached[2][language_id] = compute_prefix(self.talker, prompt.embeds[:, :n])
+        return dataclasses.replace(prompt, embeds=prompt.embeds[:, n:], prefix=prefix)
 
     def _streaming_decoder(self, voice: VoicePrompt):
         """A codec stream primed with the voice's reference codes (ICL), forked from a primed state kept
