@@ -25,8 +25,8 @@ from tests.wsclient import Client
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'makima-tts[ray]')")
 pytestmark = pytest.mark.ray
 
-# the single-process server's protocol and OpenAI tests, run unchanged against --ray (token mode, where text
-# is fed into the model token by token, is not offered by --ray: sessions speak streamed text by sentence)
+# the single-process server's protocol and OpenAI tests, run unchanged against --ray (token mode too: the text's
+# pieces reach the replica speaking it through the text relay, ray_serve/relay.py)
 from tests.test_server import (MAX_TEXT, add_voice, test_bad_messages_get_recoverable_errors,  # noqa: E402,F401
                                test_body_streams_before_generation_ends, test_cancel_stops_before_next_frame,
                                test_health_ready_metrics_docs, test_interrupt_cancels_current_and_queue,
@@ -34,7 +34,7 @@ from tests.test_server import (MAX_TEXT, add_voice, test_bad_messages_get_recove
                                test_openai_errors_in_openai_shape, test_openai_sdk_every_format,
                                test_ready_then_frames_of_pcm, test_speed_keeps_pitch_and_changes_duration,
                                test_sse_stream_format, test_start_sets_format_and_rate,
-                               test_stop_finishes_queue_then_closes,
+                               test_stop_finishes_queue_then_closes, test_streamed_text_is_fed_token_by_token_by_default,
                                test_streamed_text_speaks_each_sentence_when_complete,
                                test_utterances_play_in_order)
 from tests.test_voices_server import wav_bytes  # noqa: E402
@@ -191,6 +191,22 @@ def test_a_killed_replica_costs_only_its_own_utterances(server):
     assert metric(server, "makima_ray_lost_mid_stream_total") == len(lost)
 
 
+def test_token_mode_utterance_waiting_for_text_is_cancelled_on_its_replica(client, server):
+    """Token mode over --ray: an utterance whose text is still arriving holds a stream on a replica (it waits
+    there for the pieces the relay brings); `cancel` ends it there too, and the session goes on."""
+    assert wait_for(lambda: sum(r["streams"] for r in replicas(server)) == 0, 30), replicas(server)
+    client.send(type="start")
+    assert client.recv_json()["text_mode"] == "token"
+    client.send(type="text", text="so ")                  # fewer tokens than the voice needs: it waits for more
+    assert wait_for(lambda: sum(r["streams"] for r in replicas(server)) == 1, 30), replicas(server)
+    client.send(type="cancel")
+    seen, _ = client.until("cancelled")
+    assert not any(m["type"] == "audio_end" for m in seen)
+    assert wait_for(lambda: sum(r["streams"] for r in replicas(server)) == 0, 30), replicas(server)
+    end, audio = client.utterance("After.", id="after")
+    assert len(audio) > 0
+
+
 # --------------------------------------------------------------------------- Ray stays optional
 
 
@@ -199,6 +215,35 @@ def test_plain_serve_does_not_import_ray():
             "makima_tts.cli.serve.register(__import__('argparse').ArgumentParser().add_subparsers()); "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+NO_RAY = """
+import sys
+class _NoRay:                     # as if the `ray` extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError("No module named 'ray'", name="ray")
+sys.meta_path.insert(0, _NoRay())
+"""
+
+
+def test_without_the_extra_plain_serve_starts_and_ray_says_what_is_missing(tmp_path):
+    """Without the `ray` extra: the plain server's app starts and answers (no ray imported), and `serve --ray`
+    stops at once with MISSING_EXTRA."""
+    plain = NO_RAY + (
+        "from fastapi.testclient import TestClient\n"
+        "from makima_tts.server.app import create_app\n"
+        "from makima_tts.server.settings import Settings\n"
+        f"app = create_app(Settings(engine='piper', lazy_load=True, voices_dir={str(tmp_path)!r}))\n"
+        "with TestClient(app) as c:\n"
+        "    assert c.get('/health').status_code == 200\n"
+        "    assert c.get('/ready').json()['state'] == 'starting'\n"
+        "assert 'ray' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", plain], check=True, timeout=120)
+    serve = NO_RAY + "from makima_tts.cli import main\nsys.exit(main())\n"
+    r = subprocess.run([sys.executable, "-c", serve, "serve", "--ray", "--engine", "piper", "--voices-dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "MISSING_EXTRA" in r.stderr and "makima-tts[ray]" in r.stderr, r.stderr
 
 
 def test_autoscale_argument():

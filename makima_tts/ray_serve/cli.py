@@ -70,7 +70,8 @@ def run(args: argparse.Namespace, settings) -> int:
     local_opts: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if address is None else {}   # a local cluster: loopback only
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING if quiet else logging.INFO,
              log_to_driver=not quiet, configure_logging=True, **local_opts)
-    signal.signal(signal.SIGTERM, _interrupt)   # (after ray.init, which has its own) as SIGINT: drain, remove, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):   # (after ray.init, which has its own; SIGINT also where a parent
+        signal.signal(sig, _interrupt)            # left it ignored): drain, remove what was deployed, exit
     local = address is None
     handle = None
     try:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterator, Optional
+import uuid
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import ray
@@ -20,6 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
 from ..bridge import CancelToken
+from ..engine.generate import TextFeed
 from ..engine.types import AudioChunk, GenerationSettings, VoiceInfo
 from ..errors import EngineUnavailable, MakimaError
 from .registry import REPORT_S, get_registry
@@ -86,10 +88,15 @@ class RayEngine:
         threading.Thread(target=self._poll_loop, name="makima-ray-registry", daemon=True).start()
 
     @classmethod
+    def create(cls, handle, info: dict) -> "RayEngine":
+        """A RayEngine for what a replica said it serves: a RayTokenEngine where the replicas take text token
+        by token (Qwen3), so the ingress offers token mode."""
+        return RayTokenEngine(handle, info) if info.get("tokenizer") is not None else cls(handle, info)
+
+    @classmethod
     def connect(cls, handle, timeout: float = INFO_TIMEOUT_S) -> "RayEngine":
         """Ask a replica what it serves (waits for one to be up)."""
-        info = handle.info.remote().result(timeout_s=timeout)
-        return cls(handle, info)
+        return cls.create(handle, handle.info.remote().result(timeout_s=timeout))
 
     # ------------------------------------------------------------------ SpeechEngine
 
@@ -113,8 +120,22 @@ class RayEngine:
                cancel: Optional[CancelToken] = None) -> Iterator[AudioChunk]:
         cancel = cancel if cancel is not None else CancelToken()
         ref, model_id = voice_ref(voice)
+        if isinstance(text, TextFeed):             # token mode: the pieces go on through the relay as they come
+            sender = self._feed_sender(text)
+            try:
+                yield from self._stream(sender.ref, ref, model_id, language, settings, cancel)
+            finally:
+                sender.done()
+            return
         if not text or not isinstance(text, str):
-            raise EngineUnavailable("streamed text (token mode) is not available with --ray; use sentence mode")
+            raise EngineUnavailable("no text to speak")
+        yield from self._stream(text, ref, model_id, language, settings, cancel)
+
+    def _feed_sender(self, feed: TextFeed) -> "_FeedSender":
+        raise EngineUnavailable("the engine replicas do not take text token by token; use sentence mode")
+
+    def _stream(self, text, ref, model_id: str, language: str, settings: Optional[GenerationSettings],
+                cancel: CancelToken) -> Iterator[AudioChunk]:
         attempts = 0
         while True:
             if cancel.cancelled:
@@ -204,6 +225,68 @@ class RayEngine:
             self._poll()
 
 
+class RayTokenEngine(RayEngine):
+    """A RayEngine whose replicas take text token by token (Qwen3): the ingress offers token mode. Its
+    TextFeeds tokenize as the replicas do (their tokenizer, sent with their info), so the session's limits
+    and `tokens_needed` are the single process's; the pieces reach the replica through the text relay."""
+
+    def __init__(self, handle, info: dict, registry=None):
+        super().__init__(handle, info, registry)
+        self.tokenizer = info["tokenizer"]
+        self._relay: Any = None
+
+    def new_feed(self, max_chars: Optional[int] = None) -> TextFeed:
+        return TextFeed(self.tokenizer.encode, max_chars)
+
+    def tokens_needed(self, voice) -> int:
+        """Text tokens a streamed utterance in this voice needs before it can start (Qwen3Engine's rule)."""
+        from ..engine.generate import tokens_needed
+        from ..engine.qwen3 import _ref_chat
+
+        icl = bool(getattr(voice, "icl", False) and getattr(voice, "ref_text", None))
+        return tokens_needed(voice, self.tokenizer.encode(_ref_chat(voice.ref_text))[3:-2] if icl else None)
+
+    def _feed_sender(self, feed: TextFeed) -> "_FeedSender":
+        if self._relay is None:
+            from .relay import get_relay
+
+            self._relay = get_relay()
+        return _FeedSender(self._relay, feed)
+
+
+class _FeedSender:
+    """Sends a TextFeed's pieces to the relay as they are pushed (its listener), then its close."""
+
+    def __init__(self, relay, feed: TextFeed):
+        self.relay = relay
+        self.feed = feed
+        self.ref = ("feed", uuid.uuid4().hex)
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._closed = False
+        self._done = False
+        feed.listen(self.update)
+        self.update()
+
+    def update(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            closed = self.feed.closed             # first: once closed, the text read after it is all of it
+            text = self.feed.text
+            if len(text) > self._sent:
+                self.relay.put.remote(self.ref[1], self._sent, text[self._sent:])
+                self._sent = len(text)
+            if closed and not self._closed:
+                self.relay.close.remote(self.ref[1], self._sent)
+                self._closed = True
+
+    def done(self) -> None:
+        with self._lock:
+            self._done = True
+        self.relay.drop.remote(self.ref[1])
+
+
 def _cause(e: RayTaskError) -> BaseException:
     """The replica's own exception (a MakimaError passes as it is)."""
     cause = getattr(e, "cause", None)
@@ -255,4 +338,4 @@ def metrics_collector(engine: RayEngine):
     return _Collector()
 
 
-__all__ = ["RayEngine", "ReplicaLost", "metrics_collector", "voice_ref"]
+__all__ = ["RayEngine", "RayTokenEngine", "ReplicaLost", "metrics_collector", "voice_ref"]

@@ -30,7 +30,7 @@ class Ingress:
     async def __init__(self, engine_handle: Any, settings: dict):    # type: ignore[misc]  # Serve awaits it
         self.settings = Settings(**settings)
         info = await asyncio.wait_for(_info(engine_handle), INFO_TIMEOUT_S)    # the first engine replica is up
-        self.engine = RayEngine(engine_handle, info)
+        self.engine = RayEngine.create(engine_handle, info)
         self.fastapi_app: Optional[Any] = None
         log.info("ingress: engine %s (%s) on the Engine deployment; %s utterances at once", self.engine.name,
                  self.engine.model_id, self.settings.streams())

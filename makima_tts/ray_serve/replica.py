@@ -101,6 +101,7 @@ class EngineReplica:
         ctx = serve.get_replica_context()
         rid = getattr(ctx, "replica_id", None)
         self.replica_id = str(getattr(rid, "unique_id", None) or getattr(ctx, "replica_tag", "") or os.getpid())
+        self._relay: Any = None          # the text relay (token mode), looked up on first use
         self._stop = threading.Event()
         threading.Thread(target=self._report_loop, name="makima-replica-report", daemon=True).start()
         log.info("replica %s: engine %s (%s) loaded in %.1f s", self.replica_id, self.engine.name,
@@ -114,7 +115,9 @@ class EngineReplica:
         return {"name": e.name, "model_id": str(e.model_id), "sample_rate": int(e.sample_rate),
                 "supports_cloning": bool(e.supports_cloning), "fingerprint": str(getattr(e, "fingerprint", "") or ""),
                 "defaults": getattr(e, "defaults", None), "builtin_voices": list(e.builtin_voices()),
-                "max_streams": self.settings.streams(), "reason": self.reason, "load_s": self.load_s}
+                "max_streams": self.settings.streams(), "reason": self.reason, "load_s": self.load_s,
+                # where the engine takes text token by token (Qwen3): its tokenizer, for the ingress's TextFeeds
+                "tokenizer": getattr(e, "tokenizer", None) if hasattr(e, "new_feed") else None}
 
     def stats(self) -> dict:
         p = self.prompts
@@ -152,14 +155,21 @@ class EngineReplica:
             return self.engine.prepare_voice(value)
         return value
 
-    async def generate(self, text: str, voice: Optional[tuple], language: str = "auto",
+    async def generate(self, text: "str | tuple", voice: Optional[tuple], language: str = "auto",
                        settings: Optional[GenerationSettings] = None):
-        """One utterance's chunks. Cancelling the request (the ingress's utterance was cancelled, or its
-        client left) stops the engine before its next frame."""
+        """One utterance's chunks. `text`: the text, or ("feed", id) for text that still arrives (token mode:
+        pulled from the relay into the engine's own TextFeed while it speaks). Cancelling the request (the
+        ingress's utterance was cancelled, or its client left) stops the engine before its next frame."""
         self.served += 1
         engine_voice = await self._engine_voice(voice)
         token = CancelToken()
-        it = self.engine.stream(text, engine_voice, language, settings, cancel=token)
+        pull = None
+        if isinstance(text, tuple):
+            feed = self.engine.new_feed(max_chars=self.settings.max_text_chars)
+            pull = asyncio.ensure_future(self._pull(text[1], feed))
+            it = self.engine.stream(feed, engine_voice, language, settings, cancel=token)
+        else:
+            it = self.engine.stream(text, engine_voice, language, settings, cancel=token)
         loop = asyncio.get_running_loop()
         pending = None
         self.streams += 1
@@ -174,12 +184,35 @@ class EngineReplica:
         finally:
             self.streams -= 1
             token.cancel()
+            if pull is not None:
+                pull.cancel()
             if pending is not None:
                 self.pool.submit(_close_after, pending, it)
             else:
                 close = getattr(it, "close", None)
                 if close is not None:
                     close()
+
+    async def _pull(self, feed_id: str, feed) -> None:
+        """Token mode: the text's pieces from the relay into `feed`, as they arrive, then its close."""
+        from .relay import get_relay
+
+        if self._relay is None:
+            self._relay = get_relay()
+        offset = 0
+        try:
+            while True:
+                piece, closed = await self._relay.get.remote(feed_id, offset)
+                if piece:
+                    feed.push(piece)
+                    offset += len(piece)
+                if closed:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:          # the relay went away: the text so far is all this utterance gets
+            log.warning("token mode: the text relay failed (%s); the utterance ends with its text so far", e)
+        feed.close()
 
     # ------------------------------------------------------------------ reports
 
