@@ -112,3 +112,22 @@ def test_quantize_is_refused_off_float32(tiny_checkpoint):
         Qwen3Engine.load(tiny_checkpoint, quantize="int4")
     with pytest.raises(ValueError):
         Qwen3Engine.load(tiny_checkpoint, dtype="bfloat16", quantize="int8")
+
+
+def test_kernel_rms_norm_matches_torch(qengine):
+    """The int8 path's norms run the extension's fused op (when it built): the same values as torch's."""
+    from makima_tts.engine.model import RMSNorm
+
+    norms = [m for m in qengine.talker.modules() if isinstance(m, RMSNorm)]
+    assert norms and all((m.kernel is not None) == (qengine.quantize == "int8") for m in norms)
+    if qengine.quantize != "int8":
+        return
+    op = norms[0].kernel
+    torch.manual_seed(0)
+    for shape, d in [((1, 1, 1024), 1024), ((2, 5, 16, 128), 128), ((3, 40), 40), ((700, 1024), 1024)]:
+        x, w = torch.randn(*shape) * 3, torch.randn(d)
+        ref = nn.functional.rms_norm(x, (d,), w, 1e-6)
+        assert torch.allclose(op(x, w, 1e-6), ref, rtol=1e-5, atol=1e-6)
+    qkv = torch.randn(2, 3, 4 * 128)
+    q = qkv[..., :2 * 128].view(2, 3, 2, 128)                     # not contiguous, as a split of a projection
+    assert torch.allclose(op(q, w[:128], 1e-6), nn.functional.rms_norm(q, (128,), w[:128], 1e-6), rtol=1e-5, atol=1e-6)

@@ -203,6 +203,8 @@ def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quan
             cache.save(talker)
     # kept memory-mapped, as stored (bfloat16 on the hub): Talker.embed_text casts the looked-up rows
     talker.model.text_embedding.weight = torch.nn.Parameter(text_embedding.to(device), requires_grad=False)
+    if quantize == "int8":
+        quant.use_kernel_norms(talker)
     return talker.eval(), quantize, source
 
 

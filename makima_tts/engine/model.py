@@ -21,7 +21,7 @@ position, so it reduces exactly to ordinary RoPE; that is what runs here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +57,19 @@ class DecoderConfig:
 
 
 class RMSNorm(nn.Module):
+    """`kernel`: a fused float32 implementation (x, weight, eps) -> y, set on int8 models by
+    `quant.use_kernel_norms` (one C++ call in place of torch's seven small ops per norm)."""
+
+    kernel: Optional[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = None
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == torch.float32:
+            return self.kernel(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 

@@ -190,3 +190,16 @@ def quantize_module(module: nn.Module, method: str = "int8") -> dict:
                 setattr(parent, name, new)
                 replaced += 1
     return {"linears": replaced, "method": method}
+
+
+def use_kernel_norms(module: nn.Module) -> int:
+    """Give every RMSNorm under `module` the extension's fused float32 norm (when it built). -> how many."""
+    from .model import RMSNorm
+
+    ext = kernel()
+    if ext is None:
+        return 0
+    norms = [m for m in module.modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.kernel = ext.rms_norm
+    return len(norms)

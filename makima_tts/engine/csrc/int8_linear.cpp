@@ -163,7 +163,39 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     return out;
 }
 
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+    // x (..., D) float32, w (D) float32 -> x * rsqrt(mean(x^2) + eps) * w, one row at a time: one call in
+    // place of torch's seven small ops for the norms of a decode step (a row of 128 or 1024 values)
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && w.dim() == 1);
+    const int64_t D = w.size(0);
+    TORCH_CHECK(x.size(-1) == D);
+    auto xc = x.contiguous();
+    auto out = torch::empty_like(xc);
+    const int64_t R = xc.numel() / D;
+    const float* xp = xc.data_ptr<float>();
+    const float* wp = w.contiguous().data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float e = float(eps);
+    at::parallel_for(0, R, std::max<int64_t>(1, 65536 / D), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = xp + r * D;
+            float* orow = op + r * D;
+            float acc[16] = {0};
+            int64_t k = 0;
+            for (; k + 16 <= D; k += 16)
+                for (int l = 0; l < 16; ++l) acc[l] += xr[k + l] * xr[k + l];
+            float ss = 0.f;
+            for (int l = 0; l < 16; ++l) ss += acc[l];
+            for (; k < D; ++k) ss += xr[k] * xr[k];
+            const float inv = 1.f / std::sqrt(ss / float(D) + e);
+            for (int64_t j = 0; j < D; ++j) orow[j] = xr[j] * inv * wp[j];
+        }
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rms_norm", &rms_norm, "x (..., D) float32 -> RMS-normed times w (one pass per row)");
     m.def("int8_linear", &int8_linear, "x (M, K) float32 . int8 blocks-of-32 weights^T");
     m.def("permute_k", &permute_k, "int8 weights in natural order -> the kernel's stored order");
     m.def("dequantize", &dequantize, "stored int8 weights + scales -> float32 (N, K), natural order");
