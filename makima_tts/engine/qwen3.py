@@ -25,7 +25,7 @@ from ..audio import check_clip_length, resample, to_mono_f32
 from ..errors import EmptyText, InvalidAudio
 from .checkpoint import Checkpoint, fingerprint, load_talker, parse_device, parse_dtype
 from .codec import Codec, decoder_dtype_for
-from .generate import (FrameGenerator, Prompt, Row, SpecialIds, TextFeed, build_prompt, compute_prefix,
+from .generate import (FrameGenerator, Prefix, Prompt, Row, SpecialIds, TextFeed, build_prompt, compute_prefix,
                        generate_frames, tokens_needed, voice_prefix_length)
 from .model import Talker
 from .speaker import SpeakerEncoder
@@ -362,7 +362,8 @@ class Qwen3Engine:
             return prompt
         cached = getattr(voice, "_talker_prefixes", None)
         if cached is None or cached[0] is not self.talker or cached[1] is not voice.speaker_embedding:
-            cached = (self.talker, voice.speaker_embedding, {})
+            prefixes: dict[Optional[int], Prefix] = {}
+            cached = (self.talker, voice.speaker_embedding, prefixes)
             voice._talker_prefixes = cached     # not a dataclass field: not saved, not compared
         with self._prefix_lock:
             prefix = cached[2].get(language_id)
