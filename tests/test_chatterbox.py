@@ -204,3 +204,14 @@ def test_cancel_stops_before_the_next_token(cb_engine, cb_voice):
         chunks.append(chunk)
         cancel.cancel()
     assert len(chunks) == 1 and not chunks[0].is_last
+
+
+def test_a_repo_id_that_cannot_be_fetched_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError) as info:
+        ChatterboxEngine.load("nobody/no-such-chatterbox-export", dtype="q4")
+    assert "nobody/no-such-chatterbox-export" in info.value.message and "--checkpoint DIR" in info.value.message
+    with pytest.raises(CheckpointError) as info:
+        ChatterboxEngine.load(tmp_path / "missing")
+    assert str(tmp_path) not in info.value.message            # words, not paths
