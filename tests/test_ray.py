@@ -284,6 +284,10 @@ def test_kuberay_manifests_build_the_application(manifest):
     app = config["applications"][0]
     assert app["name"] == APP_NAME and app["import_path"] == "makima_tts.ray_serve.app:build"
     assert app["route_prefix"] == "/" and config["http_options"]["port"] == 8000
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema(**config)                                    # a valid Serve config
+    assert [d["name"] for d in app["deployments"]] == [INGRESS, DEPLOYMENT]
     ingress = build(app["args"])._bound_deployment
     assert ingress.name == INGRESS and ingress.num_replicas == app["args"]["ingress_replicas"]
     engine_app, settings = ingress.init_args

@@ -63,7 +63,7 @@ class Ingress:
             await self.fastapi_app.state.ctx.drain(float(self.settings.drain_timeout_s if timeout is None else timeout))
 
     async def status(self) -> dict:
-        """GET /ready's body, through a handle (the CLI's start-up line)."""
+        """GET /ready's body, through a deployment handle (for scripts on the cluster)."""
         if self.fastapi_app is None:
             return {"ready": False}
         out = self.fastapi_app.state.ctx.status()
