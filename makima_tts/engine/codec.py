@@ -418,8 +418,8 @@ class _SnakeBeta:
     """x + sin(x * e^alpha)^2 / (e^beta + 1e-9), per channel."""
 
     def __init__(self, w: Weights):
-        self.alpha = w["alpha"].exp()[None, :, None]                           # (1, C, 1)
-        self.inv_beta = (1.0 / (w["beta"].exp() + 1e-9))[None, :, None]
+        self.alpha = w["alpha"].float().exp()[None, :, None]                   # (1, C, 1)
+        self.inv_beta = (1.0 / (w["beta"].float().exp() + 1e-9))[None, :, None]
 
     def __call__(self, x: Tensor) -> Tensor:
         return x + self.inv_beta * torch.sin(x * self.alpha).pow(2)
@@ -553,7 +553,7 @@ class CodecDecoder:
         for name, count in (("rvq_first", 1), ("rvq_rest", cfg.num_quantizers - 1)):
             for i in range(count):
                 cb = q.sub(f"{name}.vq.layers.{i}._codebook.")
-                self.codebooks.append(cb["embedding_sum"] / cb["cluster_usage"].clamp(min=1e-5)[:, None])
+                self.codebooks.append(cb["embedding_sum"].float() / cb["cluster_usage"].float().clamp(min=1e-5)[:, None])
         self.proj_first = q["rvq_first.output_proj.weight"][..., 0]     # (D, D/2)
         self.proj_rest = q["rvq_rest.output_proj.weight"][..., 0]
         self.rest_codebooks = torch.stack(self.codebooks[1:])           # (Q-1, K, D/2)
@@ -692,13 +692,14 @@ class Codec:
         if hop != dec_cfg.samples_per_frame or num_codebooks != dec_cfg.num_quantizers:
             raise CheckpointError(f"{folder / 'config.json'}: inconsistent frame size or codebook count")
         device = torch.device(device)
-        tensors = read_safetensors(folder / "model.safetensors", prefix="decoder.", device=device, dtype=dtype)
+        # read as stored and cast once (what is computed from the weights at build time is computed in
+        # float32 first): a bfloat16 checkpoint's decoder in bfloat16 is never widened and narrowed again
+        tensors = read_safetensors(folder / "model.safetensors", prefix="decoder.", device=device)
         with torch.inference_mode():
             decoder = CodecDecoder(Weights(tensors, source).sub("decoder."), dec_cfg)
             del tensors
-            if decoder_dtype is not None and decoder_dtype != dtype:
-                _cast(decoder, decoder_dtype)
-                decoder.dtype = decoder_dtype
+            _cast(decoder, decoder_dtype or dtype)
+            decoder.dtype = decoder_dtype or dtype
         codec = cls(decoder, enc_cfg, sample_rate=out_sr, frame_samples=hop, num_codebooks=num_codebooks,
                     source=source, device=device, dtype=dtype)
         return codec
