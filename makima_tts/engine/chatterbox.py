@@ -155,6 +155,7 @@ class ChatterboxEngine:
     name = "chatterbox"
     sample_rate = SAMPLE_RATE
     supports_cloning = True
+    batched = False                 # each stream runs the graphs on its own (GET /ready's `batched`)
 
     def __init__(self, folder: Path, graphs: dict, tokenizer, dtype: str, model_id: str, fingerprint: str,
                  providers: list[str], load_s: float = 0.0):

@@ -91,7 +91,7 @@ class EngineManager:
             engine = self.engine
             out.update(engine=engine.name, model=str(engine.model_id), reason=self.reason,
                        sample_rate=engine.sample_rate, cloning=engine.supports_cloning,
-                       batched=getattr(engine, "max_batch", None) is not None)
+                       batched=bool(getattr(engine, "batched", self.settings.batch and engine.supports_cloning)))
         elif self.state == "failed":
             out["reason"] = self.load_error
         elif self.settings.lazy_load and self.state == "starting":
