@@ -49,6 +49,7 @@ def test_websocket_streams_a_cloned_voice(cb_server):
     with Client(cb_server.ws_url) as c:
         ready = c.recv_json()
         assert ready["type"] == "ready" and ready["engine"] == "chatterbox" and ready["voice"] == "tester"
+        assert ready["languages"] == ["auto", "english"]          # what the /speak page offers
         end, audio = c.utterance("Hello world, this is Chatterbox.", id="a")
         kinds = ["bin" if isinstance(m, bytes) else m["type"] for m in c.log]
         assert kinds.count("bin") > 2                      # streamed in several pieces
@@ -99,7 +100,7 @@ def test_wyoming_speaks_with_the_library_voice(cb_server):
             return info, await read_until(c, "audio-stop", "error")
 
     info, events = asyncio.run(asyncio.wait_for(go(), 240))
-    assert "tester" in {v.name for v in info.tts[0].voices}
+    assert {v.name: v.languages for v in info.tts[0].voices}["tester"] == ["en"]
     assert kinds(events) == ["audio-start", "chunks", "audio-stop"], kinds(events)
     assert AudioStart.from_event(events[0]).rate == 24000
 

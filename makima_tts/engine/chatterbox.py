@@ -156,6 +156,7 @@ class ChatterboxEngine:
     sample_rate = SAMPLE_RATE
     supports_cloning = True
     batched = False                 # each stream runs the graphs on its own (GET /ready's `batched`)
+    languages = ("auto", "english")  # what `ready` offers (the /speak page's picker); others are refused
 
     def __init__(self, folder: Path, graphs: dict, tokenizer, dtype: str, model_id: str, fingerprint: str,
                  providers: list[str], load_s: float = 0.0):

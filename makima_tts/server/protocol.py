@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -81,10 +81,12 @@ ClientMessage = Annotated[Union[Start, Speak, Text, Flush, Cancel, Stop, Played]
 _adapter = TypeAdapter(ClientMessage)
 
 
-def accepted(max_text_chars: int) -> dict:
+def accepted(max_text_chars: int, languages: Optional[Sequence[str]] = None) -> dict:
     """What a session accepts, for `ready` (so clients such as the /speak page take it from the server
-    instead of keeping copies): the `language` values, the `sample_rate` values, the longest text."""
-    return {"languages": list(LANGUAGES), "sample_rates": list(SAMPLE_RATES), "max_text_chars": max_text_chars}
+    instead of keeping copies): the `language` values (`languages`: the engine's, when it names them;
+    else all), the `sample_rate` values, the longest text."""
+    return {"languages": list(languages or LANGUAGES), "sample_rates": list(SAMPLE_RATES),
+            "max_text_chars": max_text_chars}
 
 
 def _short(value, limit: int = 40) -> str:

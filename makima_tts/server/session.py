@@ -473,7 +473,7 @@ class Session:
                          "default_voice": default, "language": self.language,
                          "model": str(engine.model_id), "engine": engine.name,
                          "text_mode": "token" if self._token_mode() else "sentence",
-                         **accepted(service.settings.max_text_chars)})
+                         **accepted(service.settings.max_text_chars, getattr(engine, "languages", None))})
 
     async def send_error(self, e: MakimaError, id: Optional[str] = None, recoverable: Optional[bool] = None,
                          timeout: Optional[float] = None) -> None:

@@ -70,7 +70,7 @@ def _codes(language: Optional[str], engine) -> list[str]:
     if lang in LANG_CODES:
         return [LANG_CODES[lang]]
     if engine.supports_cloning:
-        return [LANG_CODES[name] for name in LANGUAGES if name in LANG_CODES]
+        return [LANG_CODES[name] for name in getattr(engine, "languages", None) or LANGUAGES if name in LANG_CODES]
     return ["en"]
 
 
