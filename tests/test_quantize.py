@@ -109,7 +109,7 @@ def test_int8_kernel_matches_its_dequantized_weights():
 
 def test_quantize_is_refused_off_float32(tiny_checkpoint):
     with pytest.raises(ValueError):
-        Qwen3Engine.load(tiny_checkpoint, quantize="int4")
+        Qwen3Engine.load(tiny_checkpoint, quantize="int3")
     with pytest.raises(ValueError):
         Qwen3Engine.load(tiny_checkpoint, dtype="bfloat16", quantize="int8")
 
@@ -131,3 +131,43 @@ def test_kernel_rms_norm_matches_torch(qengine):
     qkv = torch.randn(2, 3, 4 * 128)
     q = qkv[..., :2 * 128].view(2, 3, 2, 128)                     # not contiguous, as a split of a projection
     assert torch.allclose(op(q, w[:128], 1e-6), nn.functional.rms_norm(q, (128,), w[:128], 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_int4_kernel_matches_its_dequantized_weights():
+    if quant.kernel() is None:
+        pytest.fail(f"the int8 kernel does not build here: {quant.kernel_error()}")
+    torch.manual_seed(0)
+    for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 16, 40, 70)]:
+        lin = nn.Linear(k, 96, bias=True).requires_grad_(False)
+        q = quant.Int4Linear.from_linear(lin)
+        assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, k // 2)     # two weights a byte
+        w = q.dequantized()
+        levels = (w / q.scales.repeat_interleave(32, dim=1)).round()
+        assert levels.abs().max() <= 7 and torch.allclose(w / q.scales.repeat_interleave(32, dim=1), levels, atol=1e-4)
+        x = torch.randn(m, k)
+        exact = nn.functional.linear(x, w, lin.bias)
+        assert float((q(x) - exact).norm() / exact.norm()) < 1e-4
+        err = float((q(x) - lin(x)).norm() / lin(x).norm())
+        assert 0.02 < err < 0.12                    # 15 levels per block of 32: ~7 % for Gaussian weights
+
+
+def test_int4_engine_code_predictor_in_4_bits(tiny_checkpoint, tmp_path, voice):
+    """quantize="int4": the code predictor's linears in 4 bits, the talker's in 8; cached like int8 (its own
+    file), the cached weights giving the codes of fresh ones."""
+    fresh = Qwen3Engine.load(tiny_checkpoint, quantize="int4", weights_cache=None)
+    assert fresh.quantize == "int4"
+    talker = fresh.talker
+    cp = [m for m in talker.code_predictor.modules() if isinstance(m, quant.Int8Linear)]
+    main = [m for m in talker.model.layers.modules() if isinstance(m, quant.Int8Linear)]
+    assert cp and all(isinstance(m, quant.Int4Linear) for m in cp)
+    assert main and not any(isinstance(m, quant.Int4Linear) for m in main)
+    ref = torch.stack(list(fresh.frames(TEXT, voice, "english", greedy(8))))
+    first = Qwen3Engine.load(tiny_checkpoint, quantize="int4", weights_cache=tmp_path)
+    second = Qwen3Engine.load(tiny_checkpoint, quantize="int4", weights_cache=tmp_path)
+    assert (first.load_info["weights"], second.load_info["weights"]) == ("checkpoint", "cache")
+    assert isinstance(second.talker.code_predictor.lm_head[0], quant.Int4Linear)
+    assert torch.equal(torch.stack(list(second.frames(TEXT, voice, "english", greedy(8)))), ref)
+    int8 = Qwen3Engine.load(tiny_checkpoint, quantize="int8", weights_cache=tmp_path)    # its own cache file
+    assert int8.load_info["weights"] == "checkpoint" and len(list(tmp_path.glob("talker-*.safetensors"))) == 2
+    pcm = np.concatenate([c.pcm for c in fresh.stream(TEXT, voice, "english", greedy(8))])
+    assert pcm.size == 8 * 1920 and np.isfinite(pcm).all()

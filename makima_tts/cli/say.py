@@ -55,7 +55,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int8-dynamic"],
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "int8-dynamic"],
                    help="int8 weights for the talker and code predictor (CPU, float32; faster, small error)")
     add_sampling_flags(p)
     p.set_defaults(func=run)

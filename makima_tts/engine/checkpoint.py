@@ -158,7 +158,7 @@ def _no_init() -> Iterator[None]:
 def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quantize: str,
                 cache_dir: Optional[Path] = None) -> tuple["torch.nn.Module", str, str]:
     """The talker of `ck` on `device`, float layers in `dtype`, per-frame linears in `quantize`
-    ("none", "int8", "int8-dynamic"). -> (talker, the quantization used, where the weights came from:
+    ("none", "int8", "int4" (the code predictor in 4 bits), "int8-dynamic"). -> (talker, the quantization used, where the weights came from:
     "checkpoint" or "cache").
 
     The 151k-row text embedding stays memory-mapped from the checkpoint in its stored dtype (only
@@ -168,11 +168,11 @@ def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quan
     from . import quant
     from .model import Talker, checkpoint_names
 
-    if quantize == "int8" and quant.kernel() is None:
+    if quantize in ("int8", "int4") and quant.kernel() is None:
         quantize = "int8-dynamic"
     cache = None
-    if quantize == "int8" and cache_dir is not None and device.type == "cpu":
-        cache = QuantCache(Path(cache_dir), fingerprint(ck.folder), dtype)
+    if quantize in ("int8", "int4") and cache_dir is not None and device.type == "cpu":
+        cache = QuantCache(Path(cache_dir), fingerprint(ck.folder), dtype, quantize)
     with torch.device("meta"), _no_init():
         talker = Talker(ck.config)
     from .weights import SafetensorsFile
@@ -203,7 +203,7 @@ def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quan
             cache.save(talker)
     # kept memory-mapped, as stored (bfloat16 on the hub): Talker.embed_text casts the looked-up rows
     talker.model.text_embedding.weight = torch.nn.Parameter(text_embedding.to(device), requires_grad=False)
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         quant.use_kernel_norms(talker)
     return talker.eval(), quantize, source
 
@@ -221,6 +221,10 @@ def _stream_in(talker, read, device, dtype, quantize: str) -> None:
     for mod_name, module in list(talker.named_modules()):
         prefix = mod_name + "." if mod_name else ""
         if quantize != "none" and isinstance(module, torch.nn.Linear) and _quantized_path(mod_name):
+            # "int4": the code predictor's weights in 4 bits (read 15 times a frame), the talker's in 8
+            method = quantize
+            if quantize == "int4" and not mod_name.startswith("code_predictor."):
+                method = "int8"
             w = read(prefix + "weight").float()
             _check_shape(prefix + "weight", w, module.weight)
             lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
@@ -229,7 +233,7 @@ def _stream_in(talker, read, device, dtype, quantize: str) -> None:
                 lin.bias = torch.nn.Parameter(read(prefix + "bias").float(), requires_grad=False)
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(talker.get_submodule(parent_name) if parent_name else talker, attr,
-                    quant.quantize_linear(lin, quantize))
+                    quant.quantize_linear(lin, method))
             continue
         for name, ref in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if ref.device.type != "meta" or prefix + name == "model.text_embedding.weight":
@@ -248,8 +252,10 @@ def _assign_quantized(talker, stored: dict, device) -> None:
     for mod_name, module in list(talker.named_modules()):
         prefix = mod_name + "." if mod_name else ""
         if isinstance(module, torch.nn.Linear) and prefix + "qweight" in stored:
-            new = quant.Int8Linear(module.in_features, module.out_features, stored[prefix + "qweight"],
-                                   stored[prefix + "scales"], stored.get(prefix + "bias"))
+            qweight = stored[prefix + "qweight"]
+            kind = quant.Int4Linear if qweight.dtype == torch.uint8 else quant.Int8Linear
+            new = kind(module.in_features, module.out_features, qweight, stored[prefix + "scales"],
+                       stored.get(prefix + "bias"))
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(talker.get_submodule(parent_name) if parent_name else talker, attr, new)
             continue
@@ -270,15 +276,14 @@ class QuantCache:
     metadata repeats the key and a CRC32 per tensor: a file that does not match (stale key,
     truncated, bytes changed) is deleted and rebuilt, never used."""
 
-    FORMAT = "int8-b32"
-
-    def __init__(self, folder: Path, checkpoint_fingerprint: str, dtype: torch.dtype):
+    def __init__(self, folder: Path, checkpoint_fingerprint: str, dtype: torch.dtype, method: str = "int8"):
         from .quant import KERNEL_VERSION
 
         self.folder = folder
-        self.key = {"format": self.FORMAT, "fingerprint": checkpoint_fingerprint,
+        fmt = f"{method}-b32"          # "int8-b32"; "int4-b32": the code predictor in 4 bits
+        self.key = {"format": fmt, "fingerprint": checkpoint_fingerprint,
                     "dtype": str(dtype).replace("torch.", ""), "kernel": KERNEL_VERSION}
-        self.path = folder / f"talker-{checkpoint_fingerprint}-{self.FORMAT}-{self.key['dtype']}-{KERNEL_VERSION}.safetensors"
+        self.path = folder / f"talker-{checkpoint_fingerprint}-{fmt}-{self.key['dtype']}-{KERNEL_VERSION}.safetensors"
 
     def load(self) -> Optional[dict]:
         """The cached tensors (memory-mapped), or None when there is no valid file (an invalid one is removed)."""

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32          # weights per scale
 GROUP = 512         # the kernel's fast path: in_features a multiple of 512 (else a plain C++ loop)
 PREFILL_ROWS = 64   # more activation rows than this (prefill): dequantize and use torch's float matrix product
-QUANTIZE_CHOICES = ("auto", "none", "int8", "int8-dynamic")
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "int8-dynamic")
 
 _SOURCE = Path(__file__).parent / "csrc" / "int8_linear.cpp"
 # the build (and the stored weight layout) is named by the source's hash: an edit rebuilds it and
@@ -88,12 +88,14 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> (int8 (N, K), float32 scales (N, K / 32)): symmetric absmax per block of 32."""
+def quantize_blocks(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (int8 (N, K), float32 scales (N, K / 32)): symmetric absmax per block of 32,
+    to -127..127 (bits=8) or -7..7 (bits=4)."""
     n, k = w.shape
+    top = 127 if bits == 8 else 7
     blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
-    scale = blocks.abs().amax(-1) / 127.0
-    q = torch.round(blocks / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
+    scale = blocks.abs().amax(-1) / float(top)
+    q = torch.round(blocks / scale.clamp(min=1e-30)[..., None]).clamp(-top, top).to(torch.int8)
     return q.reshape(n, k).contiguous(), scale.contiguous()
 
 
@@ -105,6 +107,8 @@ class Int8Linear(nn.Module):
     inputs); `dequantized()` gives the float weight in natural order. The module owns how rows
     are fed to the kernel: all in one call up to PREFILL_ROWS (its fast path takes any number), and
     above (a prompt) the weights dequantized once for a float matrix product."""
+
+    bits = 8
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: Optional[torch.Tensor] = None):
@@ -118,9 +122,12 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        q, s = quantize_blocks(linear.weight)
+        q, s = quantize_blocks(linear.weight, cls.bits)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        return cls(linear.in_features, linear.out_features, kernel().permute_k(q, 2), s, bias)
+        stored = kernel().permute_k(q, 2)
+        if cls.bits == 4:
+            stored = kernel().pack4(stored)
+        return cls(linear.in_features, linear.out_features, stored, s, bias)
 
     def dequantized(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The float32 weight (out_features, in_features) these int8 values and scales stand for."""
@@ -142,7 +149,15 @@ class Int8Linear(nn.Module):
         return out.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 blocks of {BLOCK}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} blocks of {BLOCK}"
+
+
+class Int4Linear(Int8Linear):
+    """Int8Linear's format with 4-bit weights (-7..7 per block of 32, two a byte: `qweight` is uint8
+    (N, K / 2)); the same kernel loop (the nibbles are widened as they are loaded). For the code predictor
+    ("int4"): its weights are read 15 times a frame, so half the bytes matter most there."""
+
+    bits = 4
 
 
 def _dynamic(linear: nn.Linear) -> nn.Module:
@@ -155,11 +170,11 @@ def _dynamic(linear: nn.Linear) -> nn.Module:
 
 
 def quantize_linear(linear: nn.Module, method: str = "int8") -> nn.Module:
-    """An nn.Linear's int8 replacement ("int8" or "int8-dynamic"); other modules come back unchanged."""
+    """An nn.Linear's quantized replacement ("int8", "int4" or "int8-dynamic"); other modules come back unchanged."""
     if not isinstance(linear, nn.Linear) or linear.in_features % BLOCK:
         return linear
-    if method == "int8" and kernel() is not None:
-        return Int8Linear.from_linear(linear)
+    if method in ("int8", "int4") and kernel() is not None:
+        return (Int4Linear if method == "int4" else Int8Linear).from_linear(linear)
     if method in ("int8", "int8-dynamic"):
         _quiet_ao_warnings()
         return _dynamic(linear)

@@ -179,7 +179,7 @@ class Qwen3Engine:
     name = "qwen3"
     supports_cloning = True
     sample_rate = SAMPLE_RATE
-    quantize = "none"          # set by load(): "none", "int8" or "int8-dynamic"
+    quantize = "none"          # set by load(): "none", "int8", "int4" or "int8-dynamic"
     load_info: dict = {}       # set by load(): quantize, weights ("checkpoint" or "cache"), load_s
 
     def __init__(self, checkpoint: Checkpoint, talker: Talker, speaker: SpeakerEncoder, codec: Codec,
@@ -206,7 +206,8 @@ class Qwen3Engine:
              codec_dtype: str = "auto") -> "Qwen3Engine":
         """`quantize`: "auto" (default: "int8" on the CPU, the float `dtype` on CUDA), "none" (weights in
         `dtype`), or int8 weights for the talker's and the code predictor's linear layers (CPU, float32):
-        "int8" (blocks of 32, our kernel; activations kept to 16 bits) or "int8-dynamic" (torch's
+        "int8" (blocks of 32, our kernel; activations kept to 16 bits), "int4" (the same with the code
+        predictor's weights in 4 bits: faster, less accurate, see bench/RESULTS.md) or "int8-dynamic" (torch's
         dynamic quantization: activations rounded to 8 bits, more error). See engine/quant.py and
         bench/RESULTS.md. `weights_cache`: a folder where "int8" weights are stored once and
         memory-mapped on the next load ("auto": the user cache folder, see `default_weights_cache`;

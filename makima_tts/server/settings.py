@@ -32,9 +32,9 @@ class Settings(BaseSettings):
                             "the export has it, fp16 on CUDA, else fp32)")
     device: str = Field("cpu", description="cpu or cuda")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
-    quantize: Literal["auto", "none", "int8", "int8-dynamic"] = Field(
+    quantize: Literal["auto", "none", "int8", "int4", "int8-dynamic"] = Field(
         "auto", description="Qwen3 weights: auto (default: int8 on the CPU, the float dtype on CUDA), none "
-                            "(float32), int8 or int8-dynamic")
+                            "(float32), int8, int4 (the code predictor in 4 bits, the talker in 8) or int8-dynamic")
     codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the codec decoder: auto (default: bfloat16 with int8 weights on a CPU with bfloat16 "
                             "arithmetic, else the float dtype), float32, bfloat16")

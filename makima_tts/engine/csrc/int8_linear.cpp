@@ -36,8 +36,28 @@ torch::Tensor permute_k(torch::Tensor w, int64_t P) {          // (N, K) natural
     return w.index_select(1, idx).contiguous();
 }
 
-static void general(const float* xp, const int8_t* wp, const float* sp, float* op, int64_t M, int64_t N,
-                    int64_t K, int64_t P) {
+// Stored int4 (two weights a byte): within each chunk of 32 stored weights, byte b holds weight b in its
+// low nibble and weight 16 + b in its high nibble, as signed 4-bit values (-7..7 are used). The stored
+// order is the int8 one (the same permutation), so the VNNI loop is shared: only the load differs.
+static inline void unpack4_row(const uint8_t* wr, int8_t* dst, int64_t K) {
+    for (int64_t c = 0; c < K; c += 32) {
+        const uint8_t* src = wr + c / 2;
+        for (int b = 0; b < 16; ++b) {
+            dst[c + b] = int8_t(int8_t(src[b] << 4) >> 4);
+            dst[c + 16 + b] = int8_t(int8_t(src[b]) >> 4);
+        }
+    }
+}
+
+// a stored weight row (int8, or int4 unpacked to int8) in stored order
+static inline const int8_t* stored_row(const void* wp, int64_t n, int64_t K, int bits, int8_t* tmp) {
+    if (bits == 8) return (const int8_t*)wp + n * K;
+    unpack4_row((const uint8_t*)wp + n * (K / 2), tmp, K);
+    return tmp;
+}
+
+static void general(const float* xp, const void* wp, const float* sp, float* op, int64_t M, int64_t N,
+                    int64_t K, int64_t P, int bits) {
     const int64_t nb = K / 32;
     std::vector<float> xperm(M * K);
     for (int64_t m = 0; m < M; ++m)
@@ -47,9 +67,10 @@ static void general(const float* xp, const int8_t* wp, const float* sp, float* o
     const float* xq = xperm.data();
     at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
         std::vector<float> buf(K);
+        std::vector<int8_t> tmp(K);
         float* bp = buf.data();
         for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* wr = wp + n * K;
+            const int8_t* wr = stored_row(wp, n, K, bits, tmp.data());
             const float* sr = sp + n * nb;
             for (int64_t k = 0; k < K; ++k) bp[k] = float(wr[k]) * sr[blk[k]];
             for (int64_t m = 0; m < M; ++m) {
@@ -66,17 +87,19 @@ static void general(const float* xp, const int8_t* wp, const float* sp, float* o
 }
 
 torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Tensor out) {
-    // -> out: float32 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in a VM)
+    // -> out: float32 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in a VM).
+    // w: int8 (N, K) or packed int4 uint8 (N, K / 2)
     TORCH_CHECK(P == 2);
-    const int64_t N = w.size(0), K = w.size(1), nb = K / 32;
+    const int bits = w.dtype() == torch::kUInt8 ? 4 : 8;
+    const int64_t N = w.size(0), K = bits == 8 ? w.size(1) : 2 * w.size(1), nb = K / 32;
     TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K);
-    const int8_t* wp = w.data_ptr<int8_t>();
+    const void* wp = w.data_ptr();
     const float* sp = s.data_ptr<float>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        std::vector<int8_t> nat(K);
+        std::vector<int8_t> nat(K), tmp(K);
         for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* wr = wp + n * K;
+            const int8_t* wr = stored_row(wp, n, K, bits, tmp.data());
             if (K % 512 == 0) {               // undo the permutation: a 16 x 16 transpose of 2-byte pairs
                 const int16_t* src = (const int16_t*)wr;
                 int16_t* dst = (int16_t*)nat.data();
@@ -95,14 +118,32 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Ten
     return out;
 }
 
+torch::Tensor pack4(torch::Tensor w) {
+    // int8 (N, K) in stored order, values in -8..7 -> uint8 (N, K / 2), two weights a byte (see unpack4_row)
+    TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.size(1) % 32 == 0);
+    auto wc = w.contiguous();
+    const int64_t N = wc.size(0), K = wc.size(1);
+    auto out = torch::empty({N, K / 2}, torch::kUInt8);
+    const int8_t* wp = wc.data_ptr<int8_t>();
+    uint8_t* op = out.data_ptr<uint8_t>();
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < K; c += 32)
+            for (int b = 0; b < 16; ++b)
+                op[n * (K / 2) + c / 2 + b] = uint8_t((wp[n * K + c + b] & 0xF) | ((wp[n * K + c + 16 + b] & 0xF) << 4));
+    return out;
+}
+
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kInt8 && s.dtype() == torch::kFloat32);
+    // w: int8 (N, K), or int4 packed two a byte (uint8 (N, K / 2)): the same stored order and scales
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && (w.dtype() == torch::kInt8 || w.dtype() == torch::kUInt8) &&
+                s.dtype() == torch::kFloat32);
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous() && s.is_contiguous());
+    const int bits = w.dtype() == torch::kUInt8 ? 4 : 8;
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32, P = 2;
-    TORCH_CHECK(w.size(1) == K && K % 32 == 0 && s.size(0) == N && s.size(1) == nb);
+    TORCH_CHECK(w.size(1) * (8 / bits) == K && K % 32 == 0 && s.size(0) == N && s.size(1) == nb);
     auto out = torch::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
-    const int8_t* wp = w.data_ptr<int8_t>();
+    const void* wp = w.data_ptr();
     const float* sp = s.data_ptr<float>();
     float* op = out.data_ptr<float>();
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -134,14 +175,26 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
         // used for every activation row (batched streams, chunks of a prompt)
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
             std::vector<__m512> acc(M);
+            const __m128i low4 = _mm_set1_epi8(0x0F);
+            const __m256i eight = _mm256_set1_epi8(8);
             for (int64_t n = n0; n < n1; ++n) {
-                const int8_t* wr = wp + n * K;
+                const int8_t* wr = (const int8_t*)wp + n * K;                 // int8
+                const uint8_t* w4 = (const uint8_t*)wp + n * (K / 2);         // int4
                 const float* sr = sp + n * nb;
                 for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
                 for (int64_t g = 0; g < K; g += 512) {
                     __m512i wv[16];
-                    for (int c = 0; c < 16; ++c)
-                        wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + 32 * c)));
+                    if (bits == 8) {
+                        for (int c = 0; c < 16; ++c)
+                            wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + 32 * c)));
+                    } else {          // 16 bytes -> 32 nibbles (low: weights 0-15, high: 16-31), sign-extended
+                        for (int c = 0; c < 16; ++c) {
+                            const __m128i v = _mm_loadu_si128((const __m128i*)(w4 + (g + 32 * c) / 2));
+                            const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4),
+                                                               _mm_and_si128(v, low4));
+                            wv[c] = _mm512_cvtepi8_epi16(_mm256_sub_epi8(_mm256_xor_si256(u, eight), eight));
+                        }
+                    }
                     const __m512 sc = _mm512_loadu_ps(sr + g / 32);
                     for (int64_t m = 0; m < M; ++m) {
                         const int16_t* xr = xqp + m * K + g;
@@ -159,7 +212,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
         return out;
     }
 #endif
-    general(xp, wp, sp, op, M, N, K, P);
+    general(xp, wp, sp, op, M, N, K, P, bits);
     return out;
 }
 
@@ -196,7 +249,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "x (..., D) float32 -> RMS-normed times w (one pass per row)");
-    m.def("int8_linear", &int8_linear, "x (M, K) float32 . int8 blocks-of-32 weights^T");
+    m.def("int8_linear", &int8_linear, "x (M, K) float32 . int8 (or packed int4) blocks-of-32 weights^T");
+    m.def("pack4", &pack4, "int8 weights (stored order, -8..7) -> int4, two a byte");
     m.def("permute_k", &permute_k, "int8 weights in natural order -> the kernel's stored order");
     m.def("dequantize", &dequantize, "stored int8 weights + scales -> float32 (N, K), natural order");
 }
