@@ -215,3 +215,23 @@ def test_a_repo_id_that_cannot_be_fetched_is_a_clear_error(monkeypatch, tmp_path
     with pytest.raises(CheckpointError) as info:
         ChatterboxEngine.load(tmp_path / "missing")
     assert str(tmp_path) not in info.value.message            # words, not paths
+
+
+def test_the_voices_conditioning_prefix_is_computed_once_and_changes_nothing(chatterbox_export, ref_clip):
+    engine = ChatterboxEngine.load(chatterbox_export, dtype="fp32")
+    voice = engine.create_voice_prompt(ref_clip, 24000)
+    n_cond = voice.tensors["cond_emb"].shape[1]
+    assert engine.prepare_voice(voice) is voice and engine.prefix_computations == 1
+    cached = [list(engine.speech_tokens(t, voice, greedy(30))) for t in TEXTS]
+    assert engine.prefix_computations == 1
+    n_text = sum(engine.text_ids(t).shape[1] for t in TEXTS)
+    assert engine.prefilled_positions == n_text            # the voice's positions are not run again
+    engine.prefix_cache_size = 0
+    whole = [list(engine.speech_tokens(t, voice, greedy(30))) for t in TEXTS]
+    assert whole == cached
+    assert engine.prefilled_positions == 2 * n_text + 2 * n_cond
+    engine.prefix_cache_size = 2                           # least recently used voices are dropped
+    others = [engine.create_voice_prompt(np.roll(ref_clip, 4800 * i), 24000) for i in range(1, 4)]
+    for v in others:
+        engine.prepare_voice(v)
+    assert len(engine._prefixes) == 2 and engine.prefix_computations == 4

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -61,6 +63,7 @@ MAX_NEW_TOKENS = 1000               # the reference's max_gen_len
 LEFT_CONTEXT = 12
 HOLD_TOKENS = 4
 CROSSFADE_SAMPLES = 480             # 20 ms
+PREFIX_CACHE_VOICES = 4             # voices whose conditioning prefix the language model's cache keeps
 
 _ENGLISH = {"auto", "english", "en", "en-us", "en_us", "en-gb", "en_gb"}
 _HINT = "Chatterbox-Turbo speaks English only; for other languages run the Qwen3-TTS engine (--engine qwen3)"
@@ -174,6 +177,13 @@ class ChatterboxEngine:
         self.kv_heads = shape[1] if isinstance(shape[1], int) else 16
         self.head_dim = shape[3] if isinstance(shape[3], int) else 64
         self.load_info = {"dtype": dtype, "load_s": round(load_s, 3), "providers": providers}
+        # the conditioning prefix of the last few voices (voice_prefix); at full size 196 KB per position in
+        # float32, so a 15 s clip's 376 positions hold 74 MB
+        self.prefix_cache_size = PREFIX_CACHE_VOICES
+        self._prefixes: OrderedDict = OrderedDict()
+        self._prefix_lock = threading.Lock()
+        self.prefix_computations = 0
+        self.prefilled_positions = 0       # positions run through the language model's first step, summed
 
     # ------------------------------------------------------------------ loading
 
@@ -323,10 +333,14 @@ class ChatterboxEngine:
         t0 = time.perf_counter() if t0 is None else t0
         start = time.perf_counter()
         x = embed.run({"input_ids": ids})[0]
-        x = np.concatenate([prompt.tensors["cond_emb"].numpy().astype(np.float32), x], axis=1)
-        past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=lm.input_types[n]) for n in self._past}
-        mask = np.ones((1, x.shape[1]), dtype=np.int64)
-        pos = np.arange(x.shape[1], dtype=np.int64)[None]
+        if self.prefix_cache_size > 0:       # the voice's conditioning positions from the cache: only the text runs
+            past, n = self.voice_prefix(prompt)
+        else:
+            past, n = self._empty_past(), 0
+            x = np.concatenate([prompt.tensors["cond_emb"].numpy().astype(np.float32), x], axis=1)
+        mask = np.ones((1, n + x.shape[1]), dtype=np.int64)
+        pos = np.arange(n, n + x.shape[1], dtype=np.int64)[None]
+        self.prefilled_positions += x.shape[1]
         history = [START_SPEECH_TOKEN]
         for step in range(limit):
             if cancel is not None and cancel.cancelled:
@@ -349,6 +363,40 @@ class ChatterboxEngine:
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
             pos = pos[:, -1:] + 1
             x = embed.run({"input_ids": np.asarray([[token]], dtype=np.int64)})[0]
+
+    def _empty_past(self) -> dict:
+        lm = self.graphs["language_model"]
+        return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=lm.input_types[n]) for n in self._past}
+
+    def voice_prefix(self, prompt: VoicePrompt) -> tuple[dict, int]:
+        """The language model's cache after the voice's conditioning embeddings (the positions every utterance
+        in that voice starts with), computed once and kept for the last `prefix_cache_size` voices. Causal
+        attention: the same keys and values a whole prefill computes for those positions."""
+        cond = np.ascontiguousarray(prompt.tensors["cond_emb"].numpy(), dtype=np.float32)
+        key = hashlib.sha1(cond.tobytes()).hexdigest()
+        with self._prefix_lock:
+            hit = self._prefixes.get(key)
+            if hit is not None:
+                self._prefixes.move_to_end(key)
+                return hit
+        n = cond.shape[1]
+        _, *present = self.graphs["language_model"].run({
+            "inputs_embeds": cond, "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None], **self._empty_past()})
+        entry = (dict(zip(self._past, present)), n)
+        with self._prefix_lock:
+            self.prefix_computations += 1
+            self._prefixes[key] = entry
+            while len(self._prefixes) > self.prefix_cache_size:
+                self._prefixes.popitem(last=False)
+        return entry
+
+    def prepare_voice(self, prompt: VoicePrompt) -> VoicePrompt:
+        """The voice's one-time work now (its conditioning prefix), not on its first utterance; the voice
+        library calls this when it loads a prompt. Returns the same voice."""
+        if self.prefix_cache_size > 0 and isinstance(prompt, VoicePrompt) and "cond_emb" in (prompt.tensors or {}):
+            self.voice_prefix(prompt)
+        return prompt
 
     def decode(self, tokens: list[int], prompt: VoicePrompt) -> np.ndarray:
         """The waveform of `tokens` (speech tokens < 6561) in one decoder call, as the model card does."""
