@@ -171,3 +171,23 @@ def test_int4_engine_code_predictor_in_4_bits(tiny_checkpoint, tmp_path, voice):
     assert int8.load_info["weights"] == "checkpoint" and len(list(tmp_path.glob("talker-*.safetensors"))) == 2
     pcm = np.concatenate([c.pcm for c in fresh.stream(TEXT, voice, "english", greedy(8))])
     assert pcm.size == 8 * 1920 and np.isfinite(pcm).all()
+
+
+def test_built_extension_is_imported_directly_an_unfinished_one_is_not(tmp_path):
+    """The start-up fast path imports an already built extension without torch's build machinery; a .so
+    whose link ninja has not logged as finished (a build killed midway) is not used (kernel() then
+    builds it again)."""
+    ext = quant.kernel()
+    if ext is None:
+        pytest.fail(f"the int8 kernel does not build here: {quant.kernel_error()}")
+    name = ext.__name__
+    folder = quant._build_folder(name)
+    assert quant._built(folder, name) is not None and (folder / f"{name}.so").is_file()
+    unfinished = tmp_path / name
+    unfinished.mkdir()
+    (unfinished / f"{name}.so").write_bytes((folder / f"{name}.so").read_bytes()[:4096])
+    log = (folder / ".ninja_log").read_text().splitlines()
+    (unfinished / ".ninja_log").write_text("\n".join(line for line in log if not line.endswith(f"{name}.so") and
+                                                     f"\t{name}.so\t" not in line) + "\n")
+    assert quant._built(unfinished, name) is None
+    assert quant._built(tmp_path / "missing", name) is None

@@ -10,7 +10,7 @@ Two backends, both measured by bench/engine.py:
   one float32 scale per block (symmetric, absmax / 127), times float32 activations. The
   activations are never quantized, so the only error is the weights' rounding. The kernel
   is a small C++ extension (AVX-512 / AVX2 intrinsics, compiled for this CPU the first time
-  it is used, cached by torch in ~/.cache/torch_extensions). When no compiler is at hand it
+  it is used, cached in ~/.cache/makima-tts/kernels). When no compiler is at hand it
   falls back to "int8-dynamic" with a warning.
 - "int8-dynamic": torch's dynamic quantization of nn.Linear (fbgemm / x86 backend): int8
   per-channel weights, and activations quantized to 8 bits per tensor on the fly (more error).
@@ -54,23 +54,81 @@ def kernel():
                 import shutil
                 import sys
 
-                from torch.utils.cpp_extension import load
-
-                # the `ninja` wheel installs its binary beside this interpreter, which may not be on PATH
-                here = os.path.dirname(sys.executable)
-                if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
-                    os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-
                 cflags = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: else at::parallel_for runs on one thread
-                # named by the source and by the torch it builds against: two installs (a venv and a CI
-                # clone's) sharing ~/.cache/torch_extensions must not rebuild each other's copy at every start
-                build = hashlib.sha256(f"{torch.__file__}|{torch.__version__}|{cflags}".encode()).hexdigest()[:8]
-                _ext = load(name=f"makima_int8_linear_{KERNEL_VERSION}_{build}", sources=[str(_SOURCE)],
-                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
+                # named by the source, the torch it builds against and the CPU it is built for (-march=native):
+                # two installs (a venv and a CI clone's) sharing the cache folder must not rebuild each other's
+                # copy at every start, and a home folder shared by machines must not hand one's build to another
+                build = hashlib.sha256(f"{torch.__file__}|{torch.__version__}|{cflags}|{_cpu_flags()}".encode()
+                                       ).hexdigest()[:8]
+                name = f"makima_int8_linear_{KERNEL_VERSION}_{build}"
+                folder = _build_folder(name)
+                _ext = _built(folder, name)
+                if _ext is None:
+                    from torch.utils.cpp_extension import load
+
+                    # the `ninja` wheel installs its binary beside this interpreter, which may not be on PATH
+                    here = os.path.dirname(sys.executable)
+                    if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
+                        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+                    folder.mkdir(parents=True, exist_ok=True)
+                    _ext = load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags,
+                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
             except Exception as exc:          # no compiler, no headers, ...
                 _ext_error = f"{type(exc).__name__}: {exc}"
                 log.warning("int8 kernel unavailable (%s); using torch dynamic quantization", _ext_error)
         return _ext
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), which -march=native compiles for."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def _build_folder(name: str) -> Path:
+    """Where the extension is built: TORCH_EXTENSIONS_DIR/name, else the user's cache folder
+    (~/.cache/makima-tts/kernels/name on Linux)."""
+    import os
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        import platformdirs
+
+        root = str(Path(platformdirs.user_cache_dir("makima-tts")) / "kernels")
+    return Path(root).expanduser() / name
+
+
+def _built(folder: Path, name: str):
+    """The extension already built in `folder` (named by its source and torch: nothing to check), imported
+    without torch's build machinery (importing it and asking ninja cost ~0.3 s of every start); None when
+    it is not there or its link did not finish (ninja logs an output once its command has succeeded; a
+    half-written .so would crash the import, not fail it): `load` then builds it again."""
+    import importlib.util
+
+    path = folder / f"{name}.so"
+    try:
+        finished = any(line.split("\t")[3:4] == [path.name]
+                       for line in (folder / ".ninja_log").read_text().splitlines())
+    except OSError:
+        return None
+    if not finished or not path.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:
+        return None
 
 
 def kernel_error() -> Optional[str]:
