@@ -146,10 +146,11 @@ class _Graph:
         self.input_types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, feeds: dict) -> list[np.ndarray]:
+    def run(self, feeds: dict, raw: bool = False) -> list[np.ndarray]:
+        """raw: the outputs as the graph gives them (a float16 KV cache goes back in as it came out)."""
         cast = {k: np.ascontiguousarray(v, dtype=self.input_types[k]) for k, v in feeds.items()}
         outs = self.session.run(None, cast)
-        return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outs]
+        return outs if raw else [o.astype(np.float32) if o.dtype == np.float16 else o for o in outs]
 
 
 class ChatterboxEngine:
@@ -345,7 +346,8 @@ class ChatterboxEngine:
         for step in range(limit):
             if cancel is not None and cancel.cancelled:
                 return
-            logits, *present = lm.run({"inputs_embeds": x, "attention_mask": mask, "position_ids": pos, **past})
+            logits, *present = lm.run({"inputs_embeds": x, "attention_mask": mask, "position_ids": pos, **past},
+                                      raw=True)
             token = pick(logits[0, -1].astype(np.float64), history, params, rng)
             if stats is not None:
                 if step == 0:
@@ -382,7 +384,7 @@ class ChatterboxEngine:
         n = cond.shape[1]
         _, *present = self.graphs["language_model"].run({
             "inputs_embeds": cond, "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None], **self._empty_past()})
+            "position_ids": np.arange(n, dtype=np.int64)[None], **self._empty_past()}, raw=True)
         entry = (dict(zip(self._past, present)), n)
         with self._prefix_lock:
             self.prefix_computations += 1
