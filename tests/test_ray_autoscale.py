@@ -1,4 +1,5 @@
-"""Issue 18: `makima-tts serve --ray --autoscale 1:2` on a local Ray cluster on loopback, tiny checkpoint:
+"""Issue 18: `makima-tts serve --ray` on local Ray clusters of its own (loopback): an application that cannot start
+says why; and `--autoscale 1:2`, tiny checkpoint:
 the Engine deployment starts with one replica, stays at one with no load, and Serve's autoscaler adds the
 second while streams are ongoing (target: one replica's --max-streams, here 1; a short upscale delay from
 MAKIMA_TTS_RAY_AUTOSCALING). Its own module: its cluster is up only while these tests run. Needs the `ray`
@@ -50,6 +51,20 @@ def server(tiny_checkpoint, tmp_path_factory, ref_clip):
                 s.proc.wait(90)
             except subprocess.TimeoutExpired:
                 pass
+        s.stop()
+
+
+def test_an_application_that_cannot_start_says_why(tmp_path):
+    """An engine replica whose constructor fails (engine = qwen3 without a checkpoint): `serve --ray` exits 3 with
+    the replica's error on its own output (the replicas' logs do not reach it at --log-level warning). Runs before
+    the autoscaling test's cluster is up."""
+    s = ServerProcess("--ray", "--engine", "qwen3", "--replica-cpus", "0.5", "--threads", "1",
+                      "--voices-dir", str(tmp_path / "voices"), log_path=tmp_path / "fail.log")
+    try:
+        assert s.proc.wait(240) == 3
+        log = s.log_path.read_text(errors="replace")
+        assert "the application did not start" in log and "engine = qwen3 needs a checkpoint" in log, log[-3000:]
+    finally:
         s.stop()
 
 

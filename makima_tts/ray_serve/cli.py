@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, settings) -> int:
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            log.error("ray: the application did not start: %s", e)
+            log.error("ray: the application did not start: %s%s", e, _why_not_started(serve, APP_NAME))
             return 3
         log.info("ray: serving on http://%s:%d (Serve's proxy): the Ingress deployment, the Engine deployment on %s "
                  "replica(s); %s cluster", settings.host, settings.port,
@@ -114,6 +114,18 @@ def run(args: argparse.Namespace, settings) -> int:
                 serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _why_not_started(serve, app_name: str) -> str:
+    """What Serve says of the application's deployments that failed (a replica's constructor error, with its
+    traceback), for the error line: the replicas' own logs may not reach this terminal."""
+    try:
+        app = serve.status().applications[app_name]
+        failed = [f"\n  {name}: {d.message}" for name, d in app.deployments.items()
+                  if d.message and str(d.status).upper().endswith(("UNHEALTHY", "DEPLOY_FAILED"))]
+        return "".join(failed) or (f"\n  {app.message}" if app.message else "")
+    except Exception:
+        return ""
 
 
 def _interrupt(signum, frame) -> None:
