@@ -11,14 +11,15 @@ from makima_tts.engine.types import GenerationSettings, SamplingParams, VoicePro
 from makima_tts.errors import CheckpointError, CloningUnsupported, EmptyText, UnknownLanguage, VoiceNotFound
 
 TEXTS = ["Hello there, this is a test.", "the quick brown fox jumps over the lazy dog"]
-# Chunked decoding against decoding all tokens at once, on the tiny export's decoder (a global attention
-# layer, so a window's audio depends on the tokens outside it), 60 greedy tokens, chunks of 1/1, 2/6 and 8/24
-# tokens: the largest sample difference measured is 0.0034-0.0050 at a peak of 0.69, the difference's energy
-# 53-57 dB below the signal's. Bounded here at 0.02 of full scale and 30 dB.
+# Chunked decoding against decoding all tokens at once, on the test export's decoder (the package's S3Gen, tiny,
+# random weights, its random draws zeroed), 60 greedy tokens, chunks of 1/4, 2/6 and 8/24 tokens: the largest
+# sample difference measured is 0.5-0.8 % of the waveform's peak, the difference's energy 53-56 dB below the
+# signal's. Bounded here at 2 % of the peak and 30 dB.
 CHUNK_BOUND = 0.02
 CHUNK_SNR_DB = 30.0
-# The export against the torch modules it was made from (fp32 graphs): float rounding only.
-EXPORT_BOUND = 1e-4
+# Our decode (the ONNX graph) against the package's own S3Token2Wav.inference on the same weights: float
+# rounding only (measured 9e-8 at a peak of 0.064).
+EXPORT_BOUND = 1e-5
 
 
 def greedy(max_frames: int = 40, **kw) -> GenerationSettings:
@@ -90,15 +91,16 @@ def test_greedy_tokens_identical_to_the_reference_package(cb_engine, cb_voice, c
     assert list(cb_engine.speech_tokens(text + " Again!", cb_voice, greedy(40))) != ours
 
 
-def test_whole_waveform_matches_the_decoder_it_was_exported_from(cb_engine, cb_voice, cb_reference, ref_clip):
+def test_whole_waveform_matches_the_reference_package(cb_engine, cb_voice, cb_reference, ref_clip):
     tokens = list(cb_engine.speech_tokens(TEXTS[0], cb_voice, greedy(30)))
     ours = cb_engine.decode_whole(tokens, cb_voice)
     theirs = cb_reference.decode(tokens + [SILENCE_TOKEN] * TAIL_SILENCE, ref_clip)
     assert len(ours) == len(theirs) == (len(tokens) + TAIL_SILENCE) * TOKEN_SAMPLES
+    assert np.max(np.abs(theirs)) > 1e-3                      # not silence
     assert np.max(np.abs(ours - theirs)) < EXPORT_BOUND
 
 
-@pytest.mark.parametrize("first,every", [(2, 6), (8, 24), (1, 1)])
+@pytest.mark.parametrize("first,every", [(2, 6), (8, 24), (1, 4)])
 def test_streamed_chunks_match_the_whole_decode_within_the_bound(cb_engine, cb_voice, first, every):
     settings = greedy(60, first_chunk_frames=first, chunk_frames=every)
     tokens = list(cb_engine.speech_tokens(TEXTS[1], cb_voice, settings))
@@ -114,7 +116,8 @@ def test_streamed_chunks_match_the_whole_decode_within_the_bound(cb_engine, cb_v
     whole = cb_engine.decode_whole(tokens, cb_voice)
     assert len(chunked) == len(whole)
     diff = chunked - whole
-    assert np.max(np.abs(diff)) < CHUNK_BOUND
+    peak = np.max(np.abs(whole))
+    assert np.max(np.abs(diff)) < CHUNK_BOUND * peak
     snr = 10 * np.log10(np.sum(whole ** 2) / max(np.sum(diff ** 2), 1e-20))
     assert snr > CHUNK_SNR_DB
     # the window's context is what keeps the joins close: without it they are far off

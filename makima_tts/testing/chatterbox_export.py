@@ -11,14 +11,19 @@ What is real and what stands in:
   `language_model` (inputs_embeds, attention_mask, position_ids, past_key_values.N.key/value ->
   logits, present.N.key/value), with the input and output names and shapes of the model card's example.
   `reference_tokens()` runs the package's own `T3.inference_turbo` on the same weights.
-* The speech encoder and the conditional decoder are small stand-ins with the official graphs' inputs
-  and outputs (audio_values -> cond_emb, prompt_token, speaker_embeddings, speaker_features; speech_tokens,
-  speaker_embeddings, speaker_features -> waveform, 960 samples per token at 24 kHz, the prompt's tokens
-  dropped, a 40 ms fade-in as S3Gen does). The encoder's cond_emb is the package's conditioning encoder
-  (speaker projection + speech embeddings of the prompt tokens), so `reference_conditionals()` gives the
-  package the same conditionals. The decoder has one global self-attention layer and an overlapping
-  transposed convolution, so decoding a window of tokens differs from decoding the whole sequence as a
-  real non-causal decoder does. Neither is the package's voice encoder / S3 tokenizer / S3Gen.
+* The conditional decoder is the package's S3Gen: its meanflow token-to-mel flow (conformer encoder with a
+  3-token lookahead, causal flow-matching estimator, 2 steps) and its HiFT vocoder, as the official graph is
+  called (speech_tokens = the voice's prompt tokens then the new ones, speaker_embeddings, speaker_features
+  -> the new tokens' waveform, 960 samples per token at 24 kHz, the first 40 ms faded in). Tiny: one block
+  of each, width 64 (the package's module classes with smaller arguments); --full: S3Token2Wav's own
+  geometry. Its random draws (the flow's starting noise, HiFT's source phases and noise) are zeros here
+  (`no_noise`), in the export and in `Reference.decode` (the package's own S3Token2Wav.inference), so the two
+  compare sample by sample. For the tracer, HiFT's STFT and inverse STFT run as convolutions (same numbers to
+  1e-6) and the padding masks are sized by the traced lengths.
+* The speech encoder is a small stand-in with the official graph's inputs and outputs (audio_values ->
+  cond_emb, prompt_token, speaker_embeddings, speaker_features); its cond_emb is the package's conditioning
+  encoder (speaker projection + speech embeddings of the prompt tokens), so `Reference.conditionals()` gives
+  the package the same conditionals. It is not the package's voice encoder, S3 tokenizer or CAMPPlus.
 * The tokenizer is a byte-level BPE (GPT-2's scheme) trained on a few sentences. The official export's
   tokenizer.json and embed_tokens internals are not visible here; this builder's pair follows the model
   card's loop: `tokenizer(text)` ids go to embed_tokens on the first step and the generated speech
@@ -30,6 +35,7 @@ Graph files: `onnx/{name}{suffix}.onnx` with weights in `{file}_data`; suffix ""
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -58,8 +64,8 @@ _CORPUS = [
 
 def _geometry(tiny: bool) -> dict:
     if tiny:
-        return dict(n_embd=64, n_head=4, n_layer=2, n_positions=2048, text_vocab=400, dec_dim=32)
-    return dict(n_embd=1024, n_head=16, n_layer=24, n_positions=8196, text_vocab=50276, dec_dim=256)
+        return dict(n_embd=64, n_head=4, n_layer=2, n_positions=2048, text_vocab=400, tiny_decoder=True)
+    return dict(n_embd=1024, n_head=16, n_layer=24, n_positions=8196, text_vocab=50276, tiny_decoder=False)
 
 
 def _t3(geo: dict, seed: int):
@@ -198,20 +204,16 @@ def _modules(t3, geo: dict, seed: int):
             cond = torch.cat([self.spkr_enc(ve)[:, None], self.speech_emb(t3_tokens)], dim=1)
             return cond, tokens, xvec, feats
 
-    dd = geo["dec_dim"]
+    flow, hift = _s3gen(geo, seed)
 
     class ConditionalDecoder(nn.Module):
-        """Stand-in token-to-waveform decoder (non-causal: one global attention layer)."""
+        """The package's S3Gen (its meanflow token-to-mel flow, 2 steps, and the HiFT vocoder) as the official
+        graph is called: prompt tokens + new tokens, the x-vector and the prompt's mel features in, the new
+        tokens' waveform out (the prompt's frames dropped, the first 40 ms faded in, as S3Gen.inference does)."""
 
         def __init__(self):
             super().__init__()
-            self.emb = init(nn.Embedding(6561, dd), 1.0)
-            self.spk = init(nn.Linear(192, dd), 1.0)
-            self.feat = init(nn.Linear(80, dd), 1.0)
-            self.qkv = init(nn.Linear(dd, 3 * dd), 1.0)
-            self.out = init(nn.Linear(dd, dd), 1.0)
-            self.up = init(nn.ConvTranspose1d(dd, 1, kernel_size=2 * TOKEN_SAMPLES, stride=TOKEN_SAMPLES,
-                                              padding=TOKEN_SAMPLES // 2), 0.5)
+            self.flow, self.hift = flow, hift
             n = TOKEN_SAMPLES // 2
             fade = torch.zeros(2 * n)
             fade[n:] = (torch.cos(torch.linspace(torch.pi, 0, n)) + 1) / 2
@@ -219,17 +221,134 @@ def _modules(t3, geo: dict, seed: int):
 
         def forward(self, speech_tokens, speaker_embeddings, speaker_features):
             n_prompt = speaker_features.shape[1] // 2
-            x = self.emb(torch.clamp(speech_tokens, max=6560))
-            x = x + self.spk(speaker_embeddings)[:, None] + self.feat(speaker_features).mean(dim=1, keepdim=True)
-            q, k, v = self.qkv(x).split(dd, dim=2)
-            att = torch.softmax(torch.matmul(q, k.transpose(1, 2)) / float(dd) ** 0.5, dim=-1)
-            x = x + self.out(torch.matmul(att, v))
-            x = x[:, n_prompt:]
-            wav = torch.tanh(self.up(x.transpose(1, 2)))[:, 0]
-            head = wav[:, :2 * (TOKEN_SAMPLES // 2)] * self.trim_fade
-            return torch.cat([head, wav[:, 2 * (TOKEN_SAMPLES // 2):]], dim=1)
+            prompt, tokens = speech_tokens[:, :n_prompt], speech_tokens[:, n_prompt:]
+            t = tokens.shape[1]
+            one = torch.ones(1, dtype=torch.long)
+            mel, _ = self.flow.inference(token=tokens, token_len=one * t, prompt_token=prompt,
+                                         prompt_token_len=one * n_prompt, prompt_feat=speaker_features,
+                                         prompt_feat_len=one * speaker_features.shape[1], embedding=speaker_embeddings,
+                                         finalize=True, n_timesteps=2, noised_mels=torch.zeros(1, 80, 2 * t),
+                                         meanflow=True)
+            wav, _ = self.hift.inference(speech_feat=mel, cache_source=torch.zeros(1, 1, 0))
+            head = wav[:, :TOKEN_SAMPLES] * self.trim_fade
+            return torch.cat([head, wav[:, TOKEN_SAMPLES:]], dim=1)
 
     return EmbedTokens().eval(), LanguageModel().eval(), SpeechEncoder().eval(), ConditionalDecoder().eval()
+
+
+def _s3gen(geo: dict, seed: int):
+    """The package's S3Gen flow (token-to-mel) and HiFT vocoder, random weights: tiny (one block each, width
+    64) or the real geometry (S3Token2Wav's own)."""
+    import torch
+
+    torch.manual_seed(seed + 2)
+    if not geo.get("tiny_decoder", True):
+        from chatterbox.models.s3gen.s3gen import S3Token2Wav
+
+        full = S3Token2Wav(meanflow=True)
+        return full.flow.eval(), full.mel2wav.eval()
+    from chatterbox.models.s3gen.configs import CFM_PARAMS
+    from chatterbox.models.s3gen.decoder import ConditionalDecoder
+    from chatterbox.models.s3gen.f0_predictor import ConvRNNF0Predictor
+    from chatterbox.models.s3gen.flow import CausalMaskedDiffWithXvec
+    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
+    from chatterbox.models.s3gen.hifigan import HiFTGenerator
+    from chatterbox.models.s3gen.transformer.upsample_encoder import PreLookaheadLayer, Upsample1D, \
+        UpsampleConformerEncoder
+
+    d = 64
+    enc = UpsampleConformerEncoder(output_size=d, attention_heads=2, linear_units=128, num_blocks=1, dropout_rate=0.0,
+                                   positional_dropout_rate=0.0, attention_dropout_rate=0.0, normalize_before=True,
+                                   input_layer="linear", pos_enc_layer_type="rel_pos_espnet",
+                                   selfattention_layer_type="rel_selfattn", input_size=d, use_cnn_module=False,
+                                   macaron_style=False)
+    enc.pre_lookahead_layer = PreLookaheadLayer(channels=d, pre_lookahead_len=3)     # 512 wide in the package
+    enc.up_layer = Upsample1D(channels=d, out_channels=d, stride=2)
+    est = ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[d], dropout=0.0,
+                             attention_head_dim=32, n_blocks=1, num_mid_blocks=1, num_heads=2, act_fn="gelu",
+                             meanflow=True)
+    flow = CausalMaskedDiffWithXvec(input_size=d, encoder=enc,
+                                    decoder=CausalConditionalCFM(spk_emb_dim=80, cfm_params=CFM_PARAMS, estimator=est))
+    hift = HiFTGenerator(sampling_rate=SAMPLE_RATE, base_channels=32, upsample_rates=[8, 5, 3],
+                         upsample_kernel_sizes=[16, 11, 7], source_resblock_kernel_sizes=[7, 7, 11],
+                         source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+                         f0_predictor=ConvRNNF0Predictor(cond_channels=32))
+    return flow.eval(), hift.eval()
+
+
+@contextlib.contextmanager
+def no_noise():
+    """S3Gen without its random draws (the flow's starting noise, HiFT's source phases and noise): zeros, in
+    the package's inference and in the export alike, so the two can be compared sample by sample."""
+    import torch
+    import torch.distributions.uniform as uniform
+
+    saved = (torch.randn, torch.randn_like, uniform.Uniform.sample)
+    torch.randn = lambda *a, **k: torch.zeros(*a, **{x: y for x, y in k.items() if x in ("dtype", "device")})
+    torch.randn_like = lambda x, *a, **k: torch.zeros_like(x)
+    uniform.Uniform.sample = lambda self, sample_shape=(): torch.zeros(sample_shape)
+    try:
+        yield
+    finally:
+        torch.randn, torch.randn_like, uniform.Uniform.sample = saved
+
+
+@contextlib.contextmanager
+def _traceable(hift):
+    """What the ONNX tracer needs of the package's S3Gen: no tqdm over traced steps, padding masks sized by
+    the traced lengths (not by .item()), and HiFT's STFT / inverse STFT as convolutions (same numbers)."""
+    import chatterbox.models.s3gen.flow as flow_mod
+    import chatterbox.models.s3gen.flow_matching as fm_mod
+    import chatterbox.models.s3gen.transformer.upsample_encoder as ue_mod
+    import torch
+
+    def pad_mask(lengths, max_len=0):
+        lengths = lengths.long()
+        n = max_len if (not isinstance(max_len, int) or max_len > 0) else lengths.max()
+        return torch.arange(0, n, dtype=torch.int64, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(-1)
+
+    saved = (fm_mod.tqdm, flow_mod.make_pad_mask, ue_mod.make_pad_mask)
+    fm_mod.tqdm = lambda it, **k: it
+    flow_mod.make_pad_mask = ue_mod.make_pad_mask = pad_mask
+    hift._stft, hift._istft = _conv_stft(hift)
+    try:
+        yield
+    finally:
+        fm_mod.tqdm, flow_mod.make_pad_mask, ue_mod.make_pad_mask = saved
+        del hift._stft, hift._istft
+
+
+def _conv_stft(hift):
+    """torch.stft / torch.istft (centred, reflect padding, HiFT's window) as conv1d / conv_transpose1d."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    n_fft, hop = hift.istft_params["n_fft"], hift.istft_params["hop_len"]
+    win = hift.stft_window.double()
+    bins = n_fft // 2 + 1
+    ang = 2 * math.pi * torch.arange(bins, dtype=torch.float64)[:, None] * torch.arange(n_fft, dtype=torch.float64) / n_fft
+    k_re, k_im = (torch.cos(ang) * win).float()[:, None], (-torch.sin(ang) * win).float()[:, None]
+    c = torch.full((bins, 1), 2.0, dtype=torch.float64)
+    c[0] = c[-1] = 1.0
+    b_re, b_im = (c * torch.cos(ang) / n_fft * win).float()[:, None], (-c * torch.sin(ang) / n_fft * win).float()[:, None]
+    b_im[0] = b_im[-1] = 0.0
+    w2 = (win ** 2).float()[None, None]
+
+    def stft(x):
+        x = F.pad(x[:, None], (n_fft // 2, n_fft // 2), mode="reflect")
+        return F.conv1d(x, k_re, stride=hop), F.conv1d(x, k_im, stride=hop)
+
+    def istft(magnitude, phase):
+        magnitude = torch.clip(magnitude, max=1e2)
+        re, im = magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+        y = F.conv_transpose1d(re, b_re, stride=hop) + F.conv_transpose1d(im, b_im, stride=hop)
+        env = F.conv_transpose1d(torch.ones_like(re[:, :1]), w2, stride=hop)
+        y = y / torch.where(env > 1e-11, env, torch.ones_like(env))
+        return y[:, 0, n_fft // 2: y.shape[-1] - n_fft // 2]
+
+    return stft, istft
 
 
 def _tokenizer(out: Path, text_vocab: int) -> None:
@@ -260,8 +379,11 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -
     import onnx
     import torch
 
+    import warnings
+
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the tracer's notes on Python control flow (shapes are traced)
         torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, opset_version=17, dynamo=False, do_constant_folding=True)
     model = onnx.load(str(tmp))
@@ -310,7 +432,7 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
     import torch
 
     out = Path(out)
-    stamp = {"format": "makima-chatterbox-test/2", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
+    stamp = {"format": "makima-chatterbox-test/3", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
     marker = out / "makima-test-export.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
@@ -349,12 +471,13 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
              "audio_tokens": {0: "batch_size", 1: "audio_sequence_length"},
              "speaker_embeddings": {0: "batch_size"},
              "speaker_features": {0: "batch_size", 1: "feature_dim"}})
-    _export(dec, (torch.randint(0, 6561, (1, 12)), torch.randn(1, 192), torch.randn(1, 8, 80)),
-            onnx_dir / "conditional_decoder.onnx", ["speech_tokens", "speaker_embeddings", "speaker_features"],
-            ["waveform"], {"speech_tokens": {0: "batch_size", 1: "num_speech_tokens"},
-                           "speaker_embeddings": {0: "batch_size"},
-                           "speaker_features": {0: "batch_size", 1: "feature_dim"},
-                           "waveform": {0: "batch_size", 1: "num_samples"}})
+    with no_noise(), _traceable(dec.hift):
+        _export(dec, (torch.randint(0, 6561, (1, 12)), torch.randn(1, 192), torch.randn(1, 8, 80)),
+                onnx_dir / "conditional_decoder.onnx", ["speech_tokens", "speaker_embeddings", "speaker_features"],
+                ["waveform"], {"speech_tokens": {0: "batch_size", 1: "num_speech_tokens"},
+                               "speaker_embeddings": {0: "batch_size"},
+                               "speaker_features": {0: "batch_size", 1: "feature_dim"},
+                               "waveform": {0: "batch_size", 1: "num_samples"}})
     for dtype in dtypes:
         if dtype != "fp32":
             for name in GRAPHS:
@@ -417,13 +540,30 @@ class Reference:
         return [int(t) for t in out[0]]
 
     def decode(self, speech_tokens: list[int], audio_24k: np.ndarray) -> np.ndarray:
-        """The decoder module (the export's source) on prompt + tokens, as the model card calls the graph."""
-        import torch
+        """The package's own `S3Token2Wav.inference` (2 meanflow steps, as ChatterboxTurboTTS.generate) on these
+        weights, with the voice's prompt tokens, features and x-vector as its ref_dict, its random draws zeroed
+        (no_noise) as in the export."""
+        import contextlib
+        import io
 
+        import torch
+        from chatterbox.models.s3gen.s3gen import S3Token2Wav
+
+        class Shell(S3Token2Wav):        # the decoding half only (no S3 tokenizer or speaker encoder)
+            device = property(lambda self: torch.device("cpu"))
+            dtype = property(lambda self: torch.float32)
+
+        shell = Shell.__new__(Shell)
+        torch.nn.Module.__init__(shell)
+        shell.flow, shell.mel2wav, shell.meanflow = self.dec.flow, self.dec.hift, True
+        shell.register_buffer("trim_fade", self.dec.trim_fade.clone(), persistent=False)
+        shell.eval()
         _, prompt, xvec, feats = self.conditionals(audio_24k)
-        toks = torch.cat([prompt, torch.tensor([speech_tokens], dtype=torch.long)], dim=1)
-        with torch.no_grad():
-            return self.dec(toks, xvec, feats)[0].numpy()
+        ref = {"prompt_token": prompt, "prompt_token_len": torch.tensor([prompt.shape[1]]), "prompt_feat": feats,
+               "prompt_feat_len": torch.tensor([feats.shape[1]]), "embedding": xvec}
+        with no_noise(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            wav, _ = shell.inference(torch.tensor([speech_tokens], dtype=torch.long), ref_dict=ref, n_cfm_timesteps=2)
+        return wav[0].numpy()
 
 
 def main(argv: Optional[list] = None) -> None:
