@@ -20,8 +20,8 @@ our engine runs (cuda only when torch sees one).
 
 --engine chatterbox: also the Chatterbox-Turbo engine in the same run, once per --onnx-dtypes variant
 (default fp32,q4), on --chatterbox-export or a random-weight export built (once, in --cache) by
-makima_tts.testing.chatterbox_export with the real language model's geometry (GPT-2 medium, 24 layers) and
-the small stand-in speech encoder and decoder (so its decode cost is not the real S3Gen decoder's). It
+makima_tts.testing.chatterbox_export with the real geometry of the language model (GPT-2 medium, 24 layers)
+and of the decoder (S3Gen: meanflow flow, 2 steps, and HiFT), and a small stand-in speech encoder. It
 generates the same audio length as the Qwen3 runs (2 speech tokens per 80 ms frame).
 """
 from __future__ import annotations
