@@ -191,3 +191,39 @@ def test_built_extension_is_imported_directly_an_unfinished_one_is_not(tmp_path)
                                                      f"\t{name}.so\t" not in line) + "\n")
     assert quant._built(unfinished, name) is None
     assert quant._built(tmp_path / "missing", name) is None
+
+
+def test_kernel_attention_matches_torch(qengine):
+    """The int8 path's attention does its q/k norms, RoPE and cache write in one C++ call: the same
+    hidden states and cache contents as torch's ops (rows at different positions, a prefill then a step)."""
+    from makima_tts.engine.model import Attention, RMSNorm
+
+    mods = [m for m in qengine.talker.modules() if isinstance(m, (Attention, RMSNorm))]
+    assert mods and all((m.kernel is not None) == (qengine.quantize == "int8") for m in mods)
+    if qengine.quantize != "int8":
+        return
+    model = qengine.talker.model
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, model.cfg.hidden_size), torch.randn(3, 1, model.cfg.hidden_size)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [10, 11, 12, 13, 14]])
+
+    def run():
+        cache = model.new_cache(4, 32)
+        with torch.inference_mode():
+            first = model(x, positions, cache, slice(1, 4))
+            second = model(y, positions[:, -1:] + 1, cache, slice(1, 4))
+        return [first, second] + [kv.k.clone() for kv in cache.layers] + [kv.v.clone() for kv in cache.layers]
+
+    fused = run()
+    kernels = [m.kernel for m in mods]
+    for m in mods:
+        m.kernel = None
+    try:
+        plain = run()
+    finally:
+        for m, k in zip(mods, kernels):
+            m.kernel = k
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fused[2][1], torch.zeros_like(fused[2][1]))     # keys written in the rows used ...
+    assert torch.equal(fused[2][0], torch.zeros_like(fused[2][0]))         # ... and only there

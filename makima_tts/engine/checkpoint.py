@@ -204,7 +204,7 @@ def load_talker(ck: "Checkpoint", device: torch.device, dtype: torch.dtype, quan
     # kept memory-mapped, as stored (bfloat16 on the hub): Talker.embed_text casts the looked-up rows
     talker.model.text_embedding.weight = torch.nn.Parameter(text_embedding.to(device), requires_grad=False)
     if quantize in ("int8", "int4"):
-        quant.use_kernel_norms(talker)
+        quant.use_kernel_ops(talker)
     return talker.eval(), quantize, source
 
 

@@ -58,7 +58,7 @@ class DecoderConfig:
 
 class RMSNorm(nn.Module):
     """`kernel`: a fused float32 implementation (x, weight, eps) -> y, set on int8 models by
-    `quant.use_kernel_norms` (one C++ call in place of torch's seven small ops per norm)."""
+    `quant.use_kernel_ops` (one C++ call in place of torch's seven small ops per norm)."""
 
     kernel: Optional[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = None
 
@@ -134,7 +134,12 @@ class Step:
 
 
 class Attention(nn.Module):
-    """GQA attention with q/k norms and RoPE; q, k, v are one fused projection (see `fuse_checkpoint`)."""
+    """GQA attention with q/k norms and RoPE; q, k, v are one fused projection (see `fuse_checkpoint`).
+
+    `kernel`: one float32 op doing the q/k norms, RoPE and the cache write (the C++ extension's
+    qk_rope_cache, set on int8 models by `quant.use_kernel_ops`)."""
+
+    kernel: Optional[Callable[..., torch.Tensor]] = None
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -148,6 +153,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.cfg.head_dim
+        if self.kernel is not None and x.dtype == torch.float32:
+            q = self.kernel(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, step.cos,
+                            step.sin, step.positions, cache.k, cache.v, step.rows.start, self.cfg.num_heads,
+                            self.cfg.num_kv_heads)
+            k_all, v_all = cache.k[step.rows, :, :step.top], cache.v[step.rows, :, :step.top]
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.mask,
+                                                 enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = self.q_norm(q.view(b, t, -1, d)).transpose(1, 2)
         k = self.k_norm(k.view(b, t, -1, d)).transpose(1, 2)

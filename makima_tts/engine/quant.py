@@ -265,14 +265,21 @@ def quantize_module(module: nn.Module, method: str = "int8") -> dict:
     return {"linears": replaced, "method": method}
 
 
-def use_kernel_norms(module: nn.Module) -> int:
-    """Give every RMSNorm under `module` the extension's fused float32 norm (when it built). -> how many."""
-    from .model import RMSNorm
+def use_kernel_ops(module: nn.Module) -> int:
+    """Give every RMSNorm and Attention under `module` the extension's fused float32 ops (when it built):
+    the norm in one call, and the q/k norms + RoPE + cache write in one call. -> how many modules."""
+    from .model import Attention, RMSNorm
 
     ext = kernel()
     if ext is None:
         return 0
-    norms = [m for m in module.modules() if isinstance(m, RMSNorm)]
-    for m in norms:
-        m.kernel = ext.rms_norm
-    return len(norms)
+    done = 0
+    for m in module.modules():
+        if isinstance(m, RMSNorm):
+            m.kernel = ext.rms_norm
+        elif isinstance(m, Attention):
+            m.kernel = ext.qk_rope_cache
+        else:
+            continue
+        done += 1
+    return done

@@ -247,7 +247,65 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     return out;
 }
 
+torch::Tensor qk_rope_cache(torch::Tensor qkv, torch::Tensor qw, torch::Tensor kw, double eps, torch::Tensor cos,
+                            torch::Tensor sin, torch::Tensor positions, torch::Tensor kc, torch::Tensor vc,
+                            int64_t row0, int64_t heads, int64_t kv_heads) {
+    // The attention's work between the qkv projection and the scaled dot product, in one call: qkv (b, t,
+    // (heads + 2 kv_heads) d) float32 -> q (b, heads, t, d) RMS-normed (qw) and rotated (rotate-half RoPE,
+    // cos/sin (b, t, d)); k normed (kw) and rotated, v as is, written to the caches kc/vc (rows, kv_heads,
+    // length, d) at row row0 + i, position positions[i, j]. Replaces ~20 small torch ops per layer.
+    TORCH_CHECK(qkv.dtype() == torch::kFloat32 && kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32);
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && positions.dtype() == torch::kLong);
+    auto x = qkv.contiguous();
+    auto c = cos.contiguous(), s = sin.contiguous();
+    auto pos = positions.contiguous();
+    const int64_t B = x.size(0), T = x.size(1), D = kc.size(3), L = kc.size(2), R = kc.size(0);
+    const int64_t half = D / 2, W = (heads + 2 * kv_heads) * D;
+    TORCH_CHECK(x.size(2) == W && kc.size(1) == kv_heads && qw.numel() == D && kw.numel() == D);
+    TORCH_CHECK(c.numel() == B * T * D && s.numel() == B * T * D && pos.numel() == B * T && row0 + B <= R);
+    auto q = torch::empty({B, heads, T, D}, x.options());
+    const float* xp = x.data_ptr<float>();
+    const float* cp = c.data_ptr<float>();
+    const float* sp = s.data_ptr<float>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    auto qwc = qw.contiguous(), kwc = kw.contiguous();
+    const float* qwp = qwc.data_ptr<float>();
+    const float* kwp = kwc.data_ptr<float>();
+    float* qp = q.data_ptr<float>();
+    float* kp = kc.data_ptr<float>();
+    float* vp = vc.data_ptr<float>();
+    const float e = float(eps);
+    for (int64_t bt = 0; bt < B * T; ++bt) TORCH_CHECK(pp[bt] >= 0 && pp[bt] < L, "position outside the cache");
+    auto norm_rope = [&](const float* src, const float* w, const float* cr, const float* sr, float* dst) {
+        float ss = 0.f;
+        for (int64_t j = 0; j < D; ++j) ss += src[j] * src[j];
+        const float inv = 1.f / std::sqrt(ss / float(D) + e);
+        for (int64_t j = 0; j < half; ++j) {
+            const float a = src[j] * inv * w[j], b = src[j + half] * inv * w[j + half];
+            dst[j] = a * cr[j] - b * sr[j];
+            dst[j + half] = b * cr[j + half] + a * sr[j + half];
+        }
+    };
+    at::parallel_for(0, B * T, std::max<int64_t>(1, 4096 / (heads + kv_heads)), [&](int64_t i0, int64_t i1) {
+        for (int64_t bt = i0; bt < i1; ++bt) {
+            const int64_t b = bt / T, t = bt % T, p = pp[bt];
+            const float* row = xp + bt * W;
+            const float* cr = cp + bt * D;
+            const float* sr = sp + bt * D;
+            for (int64_t h = 0; h < heads; ++h)
+                norm_rope(row + h * D, qwp, cr, sr, qp + ((b * heads + h) * T + t) * D);
+            for (int64_t h = 0; h < kv_heads; ++h) {
+                const int64_t at = (((row0 + b) * kv_heads + h) * L + p) * D;
+                norm_rope(row + (heads + h) * D, kwp, cr, sr, kp + at);
+                std::copy(row + (heads + kv_heads + h) * D, row + (heads + kv_heads + h + 1) * D, vp + at);
+            }
+        }
+    });
+    return q;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("qk_rope_cache", &qk_rope_cache, "qkv -> q normed and rotated; k normed, rotated and v written to the cache");
     m.def("rms_norm", &rms_norm, "x (..., D) float32 -> RMS-normed times w (one pass per row)");
     m.def("int8_linear", &int8_linear, "x (M, K) float32 . int8 (or packed int4) blocks-of-32 weights^T");
     m.def("pack4", &pack4, "int8 weights (stored order, -8..7) -> int4, two a byte");
