@@ -14,12 +14,13 @@ The export is four ONNX graphs under `onnx/` plus the tokenizer (tokenizer.json)
 Each graph comes in variants chosen by `dtype`: fp32 (`name.onnx`), fp16 (`name_fp16.onnx`), q8
 (`name_quantized.onnx`), q4 (`name_q4.onnx`), q4f16 (`name_q4f16.onnx`), weights in `<file>_data`.
 The loop is the model card's: the conditioning embeddings, then the text's, one forward pass, then one
-speech token at a time with the KV cache, until STOP_SPEECH (6562). Input and output names, the cache's
-shape and the float type of each input are read from the graphs.
+speech token at a time with the KV cache, until STOP_SPEECH (6562); the cache after a voice's conditioning
+positions is computed once per voice and reused (voice_prefix), so an utterance's first pass runs its text
+only. Input and output names, the cache's shape and the float type of each input are read from the graphs.
 
 Streaming: the conditional decoder has no state to carry, so each chunk decodes a window, the chunk's
 new tokens with LEFT_CONTEXT tokens before them, and holds back HOLD_TOKENS at the end until the tokens
-after them are known (the decoder looks both ways); consecutive windows are cross-faded over
+after them are known (S3Gen's encoder looks 3 tokens ahead and attends across the window); consecutive windows are cross-faded over
 CROSSFADE_SAMPLES. How the chunked waveform differs from decoding all tokens at once is measured in
 tests/test_chatterbox.py (see CHUNK_BOUND there).
 
