@@ -111,6 +111,9 @@ def test_voice_uploaded_for_chatterbox_is_prepared_once_and_x_vector_only_refuse
                    files={"file": ("bea.wav", wav_bytes(ref_clip, 24000), "audio/wav")}, data={"name": "Bea"})
     assert r.status_code == 201, r.text
     vid = r.json()["voice_id"]
+    assert r.json()["engines"] == ["chatterbox"]                 # the listing says which engine it is prepared for
+    listed = {v["voice_id"]: v for v in httpx.get(cb_server.url + "/api/v1/voices").json()["voices"]}
+    assert listed[vid]["engines"] == ["chatterbox"]
     for _ in range(2):
         with Client(cb_server.ws_url) as c:
             c.recv_json()

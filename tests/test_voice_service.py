@@ -211,3 +211,47 @@ def test_without_the_embedded_engine_the_error_says_how_to_add_a_voice(lib):
     with pytest.raises(VoiceNotFound, match=r"voices add.*makima-tts\[piper\]"):
         voices.resolve_voice(None)
     assert not lib.exists(GENERATED_VOICE)
+
+
+class Fingerprinted:
+    """A cloning engine whose prompts are real VoicePrompts, saved beside the voice under its fingerprint."""
+    supports_cloning = True
+    model_id = "fake"
+
+    def __init__(self, name: str, fingerprint: str):
+        self.name = name
+        self.fingerprint = fingerprint
+
+    def builtin_voices(self):
+        return []
+
+    def create_voice_prompt(self, audio, sr, transcript=None, x_vector_only=False):
+        import torch
+
+        from makima_tts.engine.types import VoicePrompt
+
+        return VoicePrompt(speaker_embedding=torch.zeros(4), ref_text=transcript, fingerprint=self.fingerprint,
+                           meta={"engine": self.name})
+
+
+def test_the_listing_names_the_engines_a_voice_is_prepared_for(lib):
+    """Issue 19: a voice made with one engine is listed as such; used with the other, it lists both."""
+    voices = VoiceService(lib)
+    voices.attach(Fingerprinted("qwen3", "q" * 16))
+    made = voices.create("v", wav(reference_clip(3.0)), transcript=TEXT)
+    assert made.engines == ["qwen3"]
+    assert voices.get("v").engines == ["qwen3"] and lib.get("v").to_json()["engines"] == ["qwen3"]
+    other = VoiceService(lib)
+    other.attach(Fingerprinted("chatterbox", "c" * 16))
+    listed = {v.voice_id: v for v in other.list().voices}
+    assert listed["v"].engines == ["qwen3"] and listed["makima"].engines == []
+    other.resolve_voice("v")                                 # prepared for Chatterbox on first use
+    assert other.get("v").engines == ["chatterbox", "qwen3"]
+    as_json = {v["voice_id"]: v for v in other.list().model_dump(mode="json")["voices"]}
+    assert as_json["v"]["engines"] == ["chatterbox", "qwen3"]
+    # a new transcript makes the stored prompts stale: only the serving engine's is made again
+    assert other.update("v", transcript="Another text.").engines == ["chatterbox"]
+    # a built-in voice names its own engine
+    piper = VoiceService(lib)
+    piper.attach(Piperish())
+    assert piper.get("joe").engines == ["piper"] and piper.list().voices[0].engines == ["piper"]

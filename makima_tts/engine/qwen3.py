@@ -272,7 +272,7 @@ class Qwen3Engine:
         return VoicePrompt(speaker_embedding=embedding, ref_codes=codes,
                            ref_text=None if x_vector_only else transcript, x_vector_only=x_vector_only,
                            fingerprint=self.fingerprint,
-                           meta={"ref_seconds": round(len(wav) / SAMPLE_RATE, 3)})
+                           meta={"engine": self.name, "ref_seconds": round(len(wav) / SAMPLE_RATE, 3)})
 
     # ---- generation ----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
@@ -58,6 +58,9 @@ def slugify(text: str) -> str:
 # --------------------------------------------------------------------------- the manifest
 
 
+_TRANSIENT = ("warning", "builtin", "has_audio", "engines")     # on a record, never in its manifest
+
+
 @dataclass
 class VoiceRecord:
     """One voice, as its manifest describes it."""
@@ -81,6 +84,8 @@ class VoiceRecord:
     seed: bool = False                   # shipped with the package (makima)
     description: str = ""
     warning: Optional[str] = None        # set on the result of add() only; not stored
+    # the engines whose prompt for this clip is stored beside it (VoiceLibrary.prompt_engines); not stored
+    engines: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The voice as the API (and `makima-tts voices list --json`) shows it."""
@@ -88,7 +93,7 @@ class VoiceRecord:
 
     def manifest(self) -> dict:
         d = asdict(self)
-        for transient in ("warning", "builtin", "has_audio"):
+        for transient in _TRANSIENT:
             d.pop(transient)
         return {"format": MANIFEST_FORMAT, **d}
 
@@ -99,7 +104,7 @@ class VoiceRecord:
     def from_manifest(cls, data: dict) -> "VoiceRecord":
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"not a {MANIFEST_FORMAT} manifest")
-        known = {f for f in cls.__dataclass_fields__ if f not in ("warning", "builtin", "has_audio")}
+        known = {f for f in cls.__dataclass_fields__ if f not in _TRANSIENT}
         kwargs = {k: v for k, v in data.items() if k in known}
         if not isinstance(kwargs.get("voice_id"), str):
             raise ValueError("manifest has no voice_id")
@@ -138,6 +143,9 @@ class VoiceOut(BaseModel):
     seed: Optional[bool] = None          # true for a voice shipped with the package (makima)
     description: Optional[str] = None
     warning: Optional[str] = None        # on the answer to an upload: the clip's length, or that the engine cannot clone
+    # the engines this voice is prepared for: a stored voice, those whose prompt of its current clip is stored
+    # ("qwen3", "chatterbox"; another engine prepares it on first use); a built-in voice, its own engine
+    engines: list[str] = []
 
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler: SerializerFunctionWrapHandler):   # unannotated: the schema stays the fields'
@@ -153,13 +161,13 @@ class VoiceOut(BaseModel):
                    x_vector_only=r.x_vector_only, duration_s=r.duration_s, sample_rate=r.sample_rate,
                    created=r.created, hash=r.hash, builtin=r.builtin, generated=r.generated, license=r.license,
                    has_audio=r.has_audio, seed=True if r.seed else None, description=r.description or None,
-                   warning=r.warning or None)
+                   warning=r.warning or None, engines=list(r.engines))
 
     @classmethod
-    def builtin_voice(cls, info) -> "VoiceOut":
-        """A voice of the engine itself (engine.types.VoiceInfo): no clip, cannot be edited."""
+    def builtin_voice(cls, info, engine: Optional[str] = None) -> "VoiceOut":
+        """A voice of the engine itself (engine.types.VoiceInfo; `engine`: its name): no clip, cannot be edited."""
         return cls(voice_id=info.voice_id, name=info.name, language=info.language, builtin=True, has_audio=False,
-                   description=getattr(info, "description", ""))
+                   description=getattr(info, "description", ""), engines=[engine] if engine else [])
 
 
 class DefaultVoice(BaseModel):

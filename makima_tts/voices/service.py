@@ -100,6 +100,10 @@ class VoiceService:
         except Exception:
             return []
 
+    @property
+    def _engine_name(self) -> Optional[str]:
+        return getattr(self.engine, "name", None)
+
     def _builtin(self, voice_id: str) -> Optional["VoiceInfo"]:
         for info in self.builtin_voices():
             if info.voice_id == voice_id:
@@ -114,7 +118,7 @@ class VoiceService:
 
     def list(self, limit: int = 100, offset: int = 0) -> VoiceList:
         """The built-in voices first, then the library's (by id), `limit` of them from `offset`."""
-        voices = [VoiceOut.builtin_voice(v) for v in self.builtin_voices()]
+        voices = [VoiceOut.builtin_voice(v, self._engine_name) for v in self.builtin_voices()]
         voices += [VoiceOut.from_record(r) for r in self.library.list()]
         try:
             default = self.default_voice_info()
@@ -127,7 +131,7 @@ class VoiceService:
         validate_id(voice_id)
         info = self._builtin(voice_id)
         if info is not None:
-            return VoiceOut.builtin_voice(info)
+            return VoiceOut.builtin_voice(info, self._engine_name)
         return VoiceOut.from_record(self.library.get(voice_id))
 
     def clip(self, voice_id: str) -> bytes:
@@ -175,6 +179,7 @@ class VoiceService:
             except BaseException:
                 self._roll_back(voice_id)
                 raise
+            record.engines = self.library.prompt_engines(record)     # the prompt just stored
         elif self.engine is not None:
             warnings.append(f"the {self.engine.name} engine serving now cannot clone voices; this voice is stored "
                             "and will be used once the server runs with a Qwen3-TTS checkpoint")
@@ -202,6 +207,7 @@ class VoiceService:
         if self.can_clone and transcript is not None:
             assert self.prompts is not None
             self.prompts.get(voice_id)
+            record.engines = self.library.prompt_engines(record)
         return VoiceOut.from_record(record)
 
     def delete(self, voice_id: str) -> VoiceDeleted:

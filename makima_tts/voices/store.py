@@ -29,6 +29,7 @@ that hint.
 """
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -133,6 +134,7 @@ class VoiceLibrary:
         self._lock = _WriteLock(self.root)
         self._cache: dict[str, tuple[tuple, VoiceRecord]] = {}
         self._cache_lock = threading.Lock()
+        self._prompt_headers: dict[str, tuple[tuple, dict]] = {}   # prompt file -> (stat key, its metadata)
         self._seeds = _seed_manifests() if seeds else {}
         self.broken: dict[str, str] = {}     # folder name -> why it is skipped
         self._reported: set[tuple[str, str]] = set()
@@ -211,6 +213,7 @@ class VoiceLibrary:
         if record is not None:
             if voice_id in self._seeds:
                 record.seed = True
+            record.engines = self.prompt_engines(record)
             return record
         seed = self._seed_record(voice_id)
         if seed is not None:
@@ -248,6 +251,7 @@ class VoiceLibrary:
                 broken[name] = str(e)
                 continue
             if record is not None:
+                record.engines = self.prompt_engines(record)
                 records[name] = record
         for vid in self._seeds:
             seed = self._seed_record(vid)
@@ -280,6 +284,53 @@ class VoiceLibrary:
         if not _FINGERPRINT_RE.fullmatch(str(fingerprint)):
             raise ValueError(f"unsafe checkpoint fingerprint {fingerprint!r}")
         return self._dir(voice_id) / f"prompt-{fingerprint}.safetensors"
+
+    def prompt_engines(self, record: VoiceRecord) -> "builtins.list[str]":
+        """The engines ("qwen3", "chatterbox") whose prompt of the voice's current clip, transcript and mode
+        is stored beside it (a `prompt-<fingerprint>.safetensors` whose metadata names that fingerprint and
+        the record's prompt_key), sorted. Reads only the files' headers, each once while it is unchanged."""
+        engines: set[str] = set()
+        try:
+            paths = list((self.root / record.voice_id).glob("prompt-*.safetensors"))
+        except OSError:
+            return []
+        for path in paths:
+            if TMP_MARK in path.name:
+                continue
+            md = self._prompt_metadata(path)
+            try:
+                meta = json.loads(md.get("meta", "{}"))
+            except ValueError:
+                continue
+            fp = path.name[len("prompt-"):-len(".safetensors")]
+            if isinstance(meta, dict) and md.get("fingerprint") == fp and meta.get("voice_key") == record.prompt_key:
+                engines.add(str(meta.get("engine") or "qwen3"))      # qwen3: prompts saved before engines were named
+        return sorted(engines)
+
+    def _prompt_metadata(self, path: Path) -> dict:
+        """A safetensors file's `__metadata__` ({} when it cannot be read), cached by the file's stat."""
+        try:
+            st = path.stat()
+        except OSError:
+            return {}
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._cache_lock:
+            hit = self._prompt_headers.get(str(path))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        md: dict = {}
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if 0 < n <= 16 * 1024 * 1024:
+                    header = json.loads(f.read(n).decode("utf-8"))
+                    found = header.get("__metadata__") if isinstance(header, dict) else None
+                    md = found if isinstance(found, dict) else {}
+        except (OSError, ValueError):
+            md = {}
+        with self._cache_lock:
+            self._prompt_headers[str(path)] = (key, md)
+        return md
 
     def _missing_clip_message(self, record: VoiceRecord) -> str:
         vid = record.voice_id
