@@ -80,3 +80,22 @@ def test_serve_flags_reach_settings(monkeypatch):
     monkeypatch.delenv("MAKIMA_TTS_PORT")
     d = settings_from_args(build_parser().parse_args(["serve"]))
     assert (d.port, d.batch, d.lazy_load, d.api_keys, d.max_streams) == (8000, True, False, [], "auto")
+
+
+def test_say_chooses_the_engine_as_serve_does(chatterbox_export, ref_clip, tmp_path):
+    """`say --engine auto` on a Chatterbox-Turbo export speaks with Chatterbox (server.engines.load_engine);
+    `--engine qwen3` on it is a clear error."""
+    import soundfile as sf
+
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, ref_clip, 24000)
+    wav = tmp_path / "out.wav"
+    out = cli("say", "Hello there.", "--checkpoint", str(chatterbox_export), "--onnx-dtype", "fp32",
+              "--ref-audio", str(ref), "--seed", "1", "-o", str(wav))
+    assert out.returncode == 0, out.stderr
+    pcm, sr = sf.read(wav)
+    assert sr == 24000 and len(pcm) > 0 and f"wrote {wav}" in out.stderr
+    out = cli("say", "Hello.", "--engine", "qwen3", "--checkpoint", str(chatterbox_export), "--ref-audio", str(ref),
+              "-o", str(tmp_path / "no.wav"))
+    assert out.returncode == 2 and "CHECKPOINT_ERROR" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "no.wav").exists()

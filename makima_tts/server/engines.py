@@ -1,8 +1,9 @@
 """Which engine serves, and when it is ready: `EngineManager`.
 
-`engine = auto | qwen3 | piper` (Settings): auto serves Qwen3-TTS when a checkpoint is configured
-and loads, otherwise the embedded Piper engine; qwen3 stops the server if the checkpoint cannot
-load; piper never touches Qwen. The engine loads off the event loop, at start-up or (lazy_load) on
+`engine = auto | qwen3 | chatterbox | piper` (Settings): auto serves the checkpoint's engine when
+one is configured and loads (Chatterbox for a folder in its ONNX layout, else Qwen3-TTS), otherwise
+the embedded Piper engine; qwen3 and chatterbox stop the server if the checkpoint cannot load; piper
+never touches a checkpoint. `load_engine(settings)` is that choice, blocking (also `makima-tts say`'s). The engine loads off the event loop, at start-up or (lazy_load) on
 the first request; `await engines.get()` is how everything else reaches it, and `status()` says
 which engine serves and why (GET /ready, the start-up log line).
 """
@@ -102,9 +103,7 @@ class EngineManager:
 
     def load_piper(self) -> SpeechEngine:
         """The embedded engine (also what makes the generated `default` voice)."""
-        from ..engine.piper import PiperEngine
-
-        return PiperEngine.load(self.settings.piper_voice, threads=self.settings.threads)
+        return load_piper(self.settings)
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
@@ -122,75 +121,12 @@ class EngineManager:
             self._load_task.add_done_callback(lambda _: loaded.set())
 
     def _load_engine(self) -> None:
-        s = self.settings
         try:
-            if s.threads:
-                import torch
-
-                torch.set_num_threads(s.threads)
-            if s.engine == "piper":
-                self._serve(self.load_piper(), "engine = piper")
-                return
-            if s.engine == "chatterbox" or (s.engine == "auto" and s.checkpoint and _chatterbox_layout(s.checkpoint)):
-                if not s.checkpoint:
-                    raise EngineUnavailable("engine = chatterbox needs its ONNX export: --checkpoint PATH_OR_REPO "
-                                            "(a folder with onnx/, or ResembleAI/chatterbox-turbo-ONNX)")
-                try:
-                    self._serve(self._load_chatterbox(), f"Chatterbox-Turbo ONNX export {s.checkpoint}")
-                    return
-                except Exception as e:
-                    if s.engine == "chatterbox":
-                        raise
-                    reason = f"the Chatterbox export {s.checkpoint} did not load ({e})"
-            elif s.checkpoint:
-                try:
-                    self._serve(self._load_qwen3(), f"Qwen3-TTS checkpoint {s.checkpoint}")
-                    return
-                except Exception as e:
-                    if s.engine == "qwen3":
-                        raise
-                    reason = f"the Qwen3-TTS checkpoint {s.checkpoint} did not load ({e})"
-            elif s.engine == "qwen3":
-                raise EngineUnavailable("engine = qwen3 needs a checkpoint: --checkpoint PATH_OR_REPO "
-                                        "(or MAKIMA_TTS_CHECKPOINT)")
-            else:
-                reason = "no Qwen3-TTS checkpoint configured (--checkpoint or MAKIMA_TTS_CHECKPOINT)"
-            try:
-                engine = self.load_piper()
-            except Exception as e:
-                raise EngineUnavailable(f"{reason}, and the embedded engine is not available ({e}); "
-                                        "install it with pip install 'makima-tts[piper]' or configure a checkpoint") from e
-            log.warning("engine: embedded Piper voice %r, because %s", engine.model_id, reason)
-            self._serve(engine, reason)
+            self._serve(*load_engine(self.settings, self.load_piper))
         except Exception as e:
             self.state = "failed"
             self.load_error = e.message if isinstance(e, MakimaError) else f"{type(e).__name__}: {e}"
             log.error("engine failed to load: %s", self.load_error)
-
-    def _load_chatterbox(self) -> SpeechEngine:
-        from ..engine.chatterbox import ChatterboxEngine
-
-        s = self.settings
-        assert s.checkpoint is not None
-        engine = ChatterboxEngine.load(s.checkpoint, dtype=s.onnx_dtype, threads=s.threads, device=s.device)
-        log.info("Chatterbox graphs: %s, loaded in %.1f s", engine.load_info["dtype"], engine.load_info["load_s"])
-        return engine
-
-    def _load_qwen3(self):      # a Qwen3Engine or a BatchedEngine (they take a VoicePrompt as the voice)
-        from ..engine.qwen3 import Qwen3Engine
-
-        s = self.settings
-        assert s.checkpoint is not None
-        engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
-                                  weights_cache=s.weights_cache if s.weights_cache is not None else "auto",
-                                  codec_dtype=s.codec_dtype)
-        log.info("Qwen3 weights: %s, from the %s, codec in %s, loaded in %.1f s", engine.load_info["quantize"],
-                 engine.load_info["weights"], engine.load_info["codec_dtype"], engine.load_info["load_s"])
-        if s.batch:
-            from ..engine.batch import BatchedEngine
-
-            return BatchedEngine(engine, max_batch=s.streams())
-        return engine
 
     def _serve(self, engine: SpeechEngine, reason: str) -> None:
         self.engine = engine
@@ -201,11 +137,75 @@ class EngineManager:
         log.info("ready: engine %s (%s), because %s", engine.name, engine.model_id, reason)
 
 
-def _chatterbox_layout(checkpoint: str) -> bool:
-    """Whether `checkpoint` is a local folder in the Chatterbox-Turbo ONNX layout (what auto looks for)."""
-    from ..engine.chatterbox import is_chatterbox_export
+# ---------------------------------------------------------------------- choosing and loading (blocking)
 
+
+def load_engine(settings: Settings,
+                load_embedded: Optional[Callable[[], SpeechEngine]] = None) -> tuple[SpeechEngine, str]:
+    """The engine `settings` choose, loaded, and why it serves (the server's and `makima-tts say`'s one
+    choice). Raises when the engine asked for (qwen3, chatterbox, piper) does not load; auto falls back to
+    the embedded engine (`load_embedded`, default load_piper) when the checkpoint's does not."""
+    s = settings
+    embedded = load_embedded or (lambda: load_piper(s))
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    if s.engine == "piper":
+        return embedded(), "engine = piper"
+    reason = "no Qwen3-TTS checkpoint configured (--checkpoint or MAKIMA_TTS_CHECKPOINT)"
+    if s.checkpoint or s.engine != "auto":
+        name, load, what = (("chatterbox", load_chatterbox, "Chatterbox-Turbo ONNX export") if s.wants_chatterbox
+                            else ("qwen3", load_qwen3, "Qwen3-TTS checkpoint"))
+        if not s.checkpoint:
+            raise EngineUnavailable(_NEEDS_CHECKPOINT[name])
+        try:
+            return load(s), f"{what} {s.checkpoint}"
+        except Exception as e:
+            if s.engine == name:
+                raise
+            reason = f"the {what} {s.checkpoint} did not load ({e})"
     try:
-        return is_chatterbox_export(checkpoint)
-    except OSError:
-        return False
+        engine = embedded()
+    except Exception as e:
+        raise EngineUnavailable(f"{reason}, and the embedded engine is not available ({e}); "
+                                "install it with pip install 'makima-tts[piper]' or configure a checkpoint") from e
+    log.warning("engine: embedded Piper voice %r, because %s", engine.model_id, reason)
+    return engine, reason
+
+
+_NEEDS_CHECKPOINT = {
+    "chatterbox": "engine = chatterbox needs its ONNX export: --checkpoint PATH_OR_REPO (a folder with onnx/, or "
+                  "ResembleAI/chatterbox-turbo-ONNX)",
+    "qwen3": "engine = qwen3 needs a checkpoint: --checkpoint PATH_OR_REPO (or MAKIMA_TTS_CHECKPOINT)"}
+
+
+def load_piper(s: Settings) -> SpeechEngine:
+    from ..engine.piper import PiperEngine
+
+    return PiperEngine.load(s.piper_voice, threads=s.threads)
+
+
+def load_chatterbox(s: Settings) -> SpeechEngine:
+    from ..engine.chatterbox import ChatterboxEngine
+
+    assert s.checkpoint is not None
+    engine = ChatterboxEngine.load(s.checkpoint, dtype=s.onnx_dtype, threads=s.threads, device=s.device)
+    log.info("Chatterbox graphs: %s, loaded in %.1f s", engine.load_info["dtype"], engine.load_info["load_s"])
+    return engine
+
+
+def load_qwen3(s: Settings):   # a Qwen3Engine or a BatchedEngine (they take a VoicePrompt as the voice)
+    from ..engine.qwen3 import Qwen3Engine
+
+    assert s.checkpoint is not None
+    engine = Qwen3Engine.load(s.checkpoint, device=s.device, dtype=s.dtype, quantize=s.quantize,
+                              weights_cache=s.weights_cache if s.weights_cache is not None else "auto",
+                              codec_dtype=s.codec_dtype)
+    log.info("Qwen3 weights: %s, from the %s, codec in %s, loaded in %.1f s", engine.load_info["quantize"],
+             engine.load_info["weights"], engine.load_info["codec_dtype"], engine.load_info["load_s"])
+    if s.batch:
+        from ..engine.batch import BatchedEngine
+
+        return BatchedEngine(engine, max_batch=s.streams())
+    return engine

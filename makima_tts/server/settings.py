@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     max_concurrent_decodes: int = Field(2, description="uploads decoded at once (default 2)")
     log_level: str = Field("info", description="debug, info, warning, error")
 
+    @property
+    def wants_chatterbox(self) -> bool:
+        """engine = chatterbox, or auto with a checkpoint that is a local folder in the Chatterbox-Turbo ONNX
+        layout (what auto looks for)."""
+        return self.engine == "chatterbox" or (self.engine == "auto" and bool(self.checkpoint)
+                                               and _chatterbox_layout(str(self.checkpoint)))
+
     def streams(self) -> int:
         """max_streams as a number. auto: for the default Qwen3 path on the CPU, CPU_STREAMS_PER_2_THREADS
         per 2 threads (below); on CUDA 16; without batching 1; the embedded Piper engine one per core."""
@@ -91,7 +98,7 @@ class Settings(BaseSettings):
         cores = self.threads or os.cpu_count() or 2
         if self.engine == "piper" or not self.checkpoint:
             return max(2, cores)
-        if self.engine == "chatterbox" or (self.engine == "auto" and _chatterbox_layout(self.checkpoint)):
+        if self.wants_chatterbox:
             return max(1, cores // 2)       # not batched: each stream runs its own graphs
         if self.device.startswith("cuda"):
             return 16
