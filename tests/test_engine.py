@@ -94,7 +94,9 @@ def test_chunks_arrive_frame_by_frame(engine, voice):
     settings = greedy(first_chunk_frames=2, chunk_frames=5)
     chunks = list(engine.stream(TEXT, voice, "english", settings))
     frames = [c.num_frames for c in chunks]
-    assert frames[0] == 2 and all(n == 5 for n in frames[1:-1]) and sum(frames) == MAX_NEW_TOKENS - 1
+    # the first chunk, then each twice the one before up to chunk_frames
+    assert frames[:2] == [2, 4] and all(n == 5 for n in frames[2:-1]) and sum(frames) == MAX_NEW_TOKENS - 1
+    assert [c.num_frames for c in engine.stream(TEXT, voice, "english", greedy())][:4] == [1, 2, 4, 6]
     assert [c.is_last for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert [c.frame_index for c in chunks] == list(np.cumsum([0] + frames[:-1]))

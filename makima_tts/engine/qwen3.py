@@ -21,8 +21,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..audio import check_clip_length, resample, to_mono_f32
-from ..errors import EmptyText, InvalidAudio
+from ..audio import prepare_reference  # the one clip policy (also imported from here)
+from ..errors import EmptyText
 from .checkpoint import Checkpoint, fingerprint, load_talker, parse_device, parse_dtype
 from .codec import Codec, decoder_dtype_for
 from .generate import (FrameGenerator, Prefix, Prompt, Row, SpecialIds, TextFeed, build_prompt, compute_prefix,
@@ -61,25 +61,12 @@ def _ref_chat(text: str) -> str:
     return f"<|im_start|>assistant\n{text}<|im_end|>\n"
 
 
-def prepare_reference(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Any rate, mono or (samples, channels) stereo -> mono float32 at 24 kHz, held to the one clip
-    policy of makima_tts.audio (to_mono_f32: integers by their full scale; check_clip_length)."""
-    if np.asarray(audio).size == 0:
-        raise InvalidAudio("the reference clip is empty")
-    audio = to_mono_f32(audio)
-    if not np.all(np.isfinite(audio)):
-        raise InvalidAudio("the reference clip contains NaN or infinite samples")
-    if sample_rate <= 0:
-        raise InvalidAudio(f"invalid sample rate {sample_rate}")
-    check_clip_length(len(audio) / sample_rate)
-    if sample_rate != SAMPLE_RATE:
-        audio = resample(audio, sample_rate, SAMPLE_RATE)
-    return audio
-
-
 class ChunkCutter:
     """Frames of codes in, AudioChunks out through a streaming codec decoder: the first chunk after
-    `first_chunk_frames` frames, then every `chunk_frames`; `finish()` gives the last (is_last), which
+    `first_chunk_frames` frames, then chunks twice as long as the one before up to `chunk_frames` (1, 2,
+    4, 6, 6, ...: the first audio leaves after one frame, and each chunk is ready before the audio
+    before it has played out as long as generation keeps up with real time; larger chunks cost less
+    codec time per frame); `finish()` gives the last (is_last), which
     carries the decoder's tail and may hold no new frame. Fills its GenerationStats: decode_s, ttfa_s, frames, total_s.
 
     Alone (`decode_chunks`), `push` decodes each chunk's frames in one call. The batched scheduler
@@ -128,7 +115,7 @@ class ChunkCutter:
         self.buffered += self.taken
         if self.buffered < self.want:
             return None
-        self.want = self.then
+        self.want = min(self.then, 2 * self.want)
         return self._emit(last=False)
 
     def finish(self) -> AudioChunk:
@@ -263,7 +250,7 @@ class Qwen3Engine:
     def create_voice_prompt(self, audio: np.ndarray, sample_rate: int, transcript: Optional[str] = None,
                             x_vector_only: bool = False) -> VoicePrompt:
         """Reference clip (+ its transcript, unless x_vector_only) -> a reusable VoicePrompt."""
-        wav = prepare_reference(audio, sample_rate)
+        wav = prepare_reference(audio, sample_rate, SAMPLE_RATE)
         if not x_vector_only and not (transcript and transcript.strip()):
             raise EmptyText("a transcript of the reference clip is needed to clone a voice "
                             "(or use x-vector-only mode)")

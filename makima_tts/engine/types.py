@@ -52,8 +52,8 @@ class GenerationSettings:
     seed: Optional[int] = None
     # None: derived from the text length, so a model that never says EOS still stops.
     max_frames: Optional[int] = None
-    # Frames in the first audio chunk (small: time to first audio), then in each later chunk.
-    first_chunk_frames: int = 2
+    # Frames in the first audio chunk (small: time to first audio); later chunks double up to chunk_frames.
+    first_chunk_frames: int = 1
     chunk_frames: int = 6
 
     @classmethod
