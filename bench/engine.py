@@ -61,7 +61,7 @@ def run_ours(args) -> dict:
     import torch
 
     from makima_tts.engine.qwen3 import Qwen3Engine
-    from makima_tts.engine.types import GenerationSettings, GenerationStats, SamplingParams
+    from makima_tts.engine.types import GenerationSettings, SamplingParams
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -79,6 +79,24 @@ def run_ours(args) -> dict:
     # Warm up to the steady state: the first pass over freshly loaded (or quantized) weights runs
     # several times slower here (page faults of a VM's memory), and would swamp a short run.
     list(engine.stream(TEXT, voice, "english", GenerationSettings(max_frames=args.warmup_frames, seed=0)))
+    stats, figures = timed_utterance(engine, voice, settings)
+    frames = stats.frames or 0
+    batch = None
+    if args.batch:
+        batch = run_batch(engine, voice, args)
+    return dict(batch=batch, device=str(engine.device), **figures,
+                frame_ms=round(1000 * (stats.talker_s + stats.predictor_s) / max(frames - 1, 1), 1),
+                predictor_ms=round(1000 * stats.predictor_s / frames, 1),
+                prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
+                peak_rss_mb=round(peak_rss_mb()), quantize=engine.quantize,
+                weights=getattr(engine, "load_info", {}).get("weights"))
+
+
+def timed_utterance(engine, voice, settings):
+    """TEXT spoken once, timed: its GenerationStats and the figures every engine reports (frames, audio_s,
+    talker_ms, prefill_s, decode_s_per_audio_s, ttfa_s, rtf, total_s)."""
+    from makima_tts.engine.types import GenerationStats
+
     stats = GenerationStats()
     samples = 0
     t0 = time.perf_counter()
@@ -87,27 +105,16 @@ def run_ours(args) -> dict:
     total = time.perf_counter() - t0
     frames = stats.frames or 0
     audio_s = samples / engine.sample_rate
-    batch = None
-    if args.batch:
-        batch = run_batch(engine, voice, args)
-    return dict(batch=batch, device=str(engine.device),
-        frames=frames, audio_s=round(audio_s, 3),
-        frame_ms=round(1000 * (stats.talker_s + stats.predictor_s) / max(frames - 1, 1), 1),
-        talker_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1),
-        predictor_ms=round(1000 * stats.predictor_s / frames, 1),
-        prefill_s=round(stats.prefill_s, 3),
-        decode_s_per_audio_s=round(stats.decode_s / audio_s, 3),
-        ttfa_s=round(stats.ttfa_s or 0.0, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
-        prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
-        peak_rss_mb=round(peak_rss_mb()), quantize=engine.quantize,
-        weights=getattr(engine, "load_info", {}).get("weights"),
-    )
+    return stats, dict(frames=frames, audio_s=round(audio_s, 3),
+                       talker_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1),
+                       prefill_s=round(stats.prefill_s, 3), decode_s_per_audio_s=round(stats.decode_s / audio_s, 3),
+                       ttfa_s=round(stats.ttfa_s or 0.0, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2))
 
 
 def run_chatterbox(args) -> dict:
     """The Chatterbox engine (one graph variant, --quantize carries it to the child) on the same clip and text."""
     from makima_tts.engine.chatterbox import ChatterboxEngine
-    from makima_tts.engine.types import GenerationSettings, GenerationStats
+    from makima_tts.engine.types import GenerationSettings
 
     t0 = time.perf_counter()
     engine = ChatterboxEngine.load(args.checkpoint, dtype=args.quantize, threads=args.threads)
@@ -124,19 +131,8 @@ def run_chatterbox(args) -> dict:
     settings = GenerationSettings(talker=engine.defaults.talker, seed=1, max_frames=tokens,
                                   first_chunk_frames=engine.defaults.first_chunk_frames,
                                   chunk_frames=engine.defaults.chunk_frames)
-    stats = GenerationStats()
-    samples = 0
-    t0 = time.perf_counter()
-    for chunk in engine.stream(TEXT, voice, "english", settings, stats=stats):
-        samples += len(chunk.pcm)
-    total = time.perf_counter() - t0
-    frames = stats.frames or 0
-    audio_s = samples / engine.sample_rate
-    return dict(device="cpu", frames=frames, audio_s=round(audio_s, 3),
-                frame_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1),
-                talker_ms=round(1000 * stats.talker_s / max(frames - 1, 1), 1), predictor_ms=None,
-                prefill_s=round(stats.prefill_s, 3), decode_s_per_audio_s=round(stats.decode_s / audio_s, 3),
-                ttfa_s=round(stats.ttfa_s or 0.0, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
+    _, figures = timed_utterance(engine, voice, settings)
+    return dict(device="cpu", **figures, frame_ms=figures["talker_ms"], predictor_ms=None,
                 prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
                 peak_rss_mb=round(peak_rss_mb()), quantize=engine.dtype, weights="onnx")
 

@@ -30,7 +30,7 @@ from .errors import InvalidAudio, UnsupportedFormat
 __all__ = ["resample", "StreamResampler", "to_pcm16", "to_f32le", "wav_bytes", "wav_header",
            "Encoder", "make_encoder", "ENCODER_FORMATS", "CONTENT_TYPES", "read_audio", "time_stretch",
            "RESAMPLE_STREAM_TOLERANCE", "to_mono_f32", "check_clip_length", "MIN_CLIP_SECONDS",
-           "MAX_CLIP_SECONDS", "RECOMMENDED_CLIP_SECONDS"]
+           "MAX_CLIP_SECONDS", "RECOMMENDED_CLIP_SECONDS", "prepare_reference"]
 
 # Largest absolute difference between chunked (StreamResampler) and one-shot (resample) output,
 # for any chunking, at the same quality setting. Measured differences are ~1e-7 (float rounding);
@@ -88,6 +88,23 @@ def check_clip_length(seconds: float) -> Optional[str]:
     if not lo <= seconds <= hi:
         return f"the clip is {seconds:.1f} s long; {lo:.0f}-{hi:.0f} s clips clone best"
     return None
+
+
+def prepare_reference(audio, sample_rate: int, rate: int = 24000) -> np.ndarray:
+    """A reference clip as an engine's create_voice_prompt takes it: any rate, mono or (samples, channels)
+    stereo -> mono float32 at `rate`, held to the one clip policy (to_mono_f32: integers by their full
+    scale; check_clip_length). InvalidAudio for an empty clip, NaN or infinite samples, or a bad rate."""
+    if np.asarray(audio).size == 0:
+        raise InvalidAudio("the reference clip is empty")
+    wav = to_mono_f32(audio)
+    if not np.all(np.isfinite(wav)):
+        raise InvalidAudio("the reference clip contains NaN or infinite samples")
+    if sample_rate <= 0:
+        raise InvalidAudio(f"invalid sample rate {sample_rate}")
+    check_clip_length(len(wav) / sample_rate)
+    if sample_rate != rate:
+        wav = resample(wav, sample_rate, rate)
+    return wav
 
 
 # --------------------------------------------------------------------------- resampling

@@ -10,7 +10,8 @@ import pytest
 
 from makima_tts.audio import wav_bytes
 from makima_tts.testing.server import ServerProcess, free_port, metric
-from tests.test_server import add_voice, sdk
+from tests.servers import serving, voices_folder
+from tests.test_server import sdk
 from tests.wsclient import Client
 
 openai = pytest.importorskip("openai")
@@ -19,21 +20,17 @@ av = pytest.importorskip("av")
 
 @pytest.fixture(scope="module")
 def cb_voices(tmp_path_factory, ref_clip):
-    d = tmp_path_factory.mktemp("cb-voices")
-    add_voice(d, ref_clip)
-    return d
+    return voices_folder(tmp_path_factory, ref_clip, "cb-voices")
 
 
 @pytest.fixture(scope="module")
 def cb_server(chatterbox_export, cb_voices, tmp_path_factory):
     """engine auto: the checkpoint folder's layout picks Chatterbox."""
-    log = tmp_path_factory.mktemp("log") / "server.log"
     port = free_port()
-    with ServerProcess("--checkpoint", str(chatterbox_export), "--onnx-dtype", "fp32", "--voices-dir",
-                       str(cb_voices), "--default-voice", "tester", "--max-streams", "2", "--wyoming-port", str(port),
-                       log_path=log) as s:
+    with serving(tmp_path_factory, "--checkpoint", str(chatterbox_export), "--onnx-dtype", "fp32", "--voices-dir",
+                 str(cb_voices), "--default-voice", "tester", "--max-streams", "2",
+                 "--wyoming-port", str(port)) as s:
         s.wyoming_port = port
-        s.wait_ready()
         yield s
 
 

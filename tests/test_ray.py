@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 
 # the single-process server's protocol and OpenAI tests, run unchanged against --ray (token mode too: the text's
 # pieces reach the replica speaking it through the text relay, ray_serve/relay.py)
-from tests.test_server import (MAX_TEXT, add_voice, test_bad_messages_get_recoverable_errors,  # noqa: E402,F401
+from tests.test_server import (MAX_TEXT, test_bad_messages_get_recoverable_errors,  # noqa: E402,F401
                                test_body_streams_before_generation_ends, test_cancel_stops_before_next_frame,
                                test_health_ready_metrics_docs, test_interrupt_cancels_current_and_queue,
                                test_more_sessions_than_streams_all_complete, test_openai_alias_voice_means_default,
@@ -37,6 +37,7 @@ from tests.test_server import (MAX_TEXT, add_voice, test_bad_messages_get_recove
                                test_stop_finishes_queue_then_closes, test_streamed_text_is_fed_token_by_token_by_default,
                                test_streamed_text_speaks_each_sentence_when_complete,
                                test_utterances_play_in_order)
+from tests.servers import voices_folder  # noqa: E402
 from tests.test_voices_server import wav_bytes  # noqa: E402
 
 REPLICAS = 2
@@ -46,9 +47,7 @@ SHUTDOWN_WAIT_S = 90.0       # the ingress removes the application and stops its
 
 @pytest.fixture(scope="module")
 def voices_dir(tmp_path_factory, ref_clip):
-    d = tmp_path_factory.mktemp("voices")
-    add_voice(d, ref_clip)
-    return d
+    return voices_folder(tmp_path_factory, ref_clip)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from tests.wsclient import Client
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'makima-tts[ray]')")
 pytestmark = pytest.mark.ray
 
-from tests.test_server import add_voice  # noqa: E402
+from tests.servers import add_voice  # noqa: E402
 
 # Serve's autoscaler, quick: handles report ongoing and queued requests every 0.5 s, averaged over 1 s, and an
 # upscale decision holds after 1 s; never down within the test

@@ -12,8 +12,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from makima_tts.engine.types import LANGUAGES
-from makima_tts.testing import REF_TEXT
 from makima_tts.testing.server import ServerProcess, metric, wait_for
+from tests.servers import serving, voices_folder
 from tests.wsclient import Client
 
 openai = pytest.importorskip("openai")
@@ -23,26 +23,16 @@ LONG = "Hello world, this sentence goes on. " * 12     # the tiny model speaks i
 MAX_TEXT = 800
 
 
-def add_voice(voices_dir, ref_clip, voice_id="tester"):
-    from makima_tts.voices import VoiceLibrary
-
-    VoiceLibrary(voices_dir).add(voice_id, ref_clip, 24000, name="Tester", transcript=REF_TEXT)
-
-
 @pytest.fixture(scope="module")
 def voices_dir(tmp_path_factory, ref_clip):
-    d = tmp_path_factory.mktemp("voices")
-    add_voice(d, ref_clip)
-    return d
+    return voices_folder(tmp_path_factory, ref_clip)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, voices_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with ServerProcess("--checkpoint", str(tiny_checkpoint), "--voices-dir", str(voices_dir),
-                       "--max-streams", "2", "--max-queue", "8", "--max-text-chars", str(MAX_TEXT),
-                       "--default-voice", "tester", log_path=log) as s:
-        s.wait_ready()
+    with serving(tmp_path_factory, "--checkpoint", str(tiny_checkpoint), "--voices-dir", str(voices_dir),
+                 "--max-streams", "2", "--max-queue", "8", "--max-text-chars", str(MAX_TEXT),
+                 "--default-voice", "tester") as s:
         yield s
 
 

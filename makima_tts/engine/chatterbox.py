@@ -39,9 +39,10 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from ..audio import check_clip_length, resample, to_mono_f32
-from ..errors import CheckpointError, CloningUnsupported, EmptyText, EngineUnavailable, InvalidAudio, \
-    UnknownLanguage, VoiceNotFound
+from ..audio import prepare_reference
+from ..errors import CheckpointError, CloningUnsupported, EmptyText, EngineUnavailable, UnknownLanguage, \
+    VoiceNotFound
+from ..fileio import hash_samples
 from ..text import split_sentences
 from .types import LANGUAGES, AudioChunk, CancelToken, GenerationSettings, GenerationStats, SamplingParams, \
     VoiceInfo, VoicePrompt
@@ -123,12 +124,7 @@ def _fingerprint(paths: list[Path], tokenizer: Path) -> str:
         h.update(path.read_bytes())
         data = path.with_name(path.name + "_data")
         if data.is_file():
-            size = data.stat().st_size
-            h.update(str(size).encode())
-            with open(data, "rb") as f:
-                for offset in [0] + [size * i // 8 for i in range(1, 8)] + [max(0, size - 65536)]:
-                    f.seek(offset)
-                    h.update(f.read(65536))
+            hash_samples(h, data, 8)
     return h.hexdigest()[:16]
 
 
@@ -251,17 +247,7 @@ class ChatterboxEngine:
         if x_vector_only:
             raise CloningUnsupported("the Chatterbox engine has no x-vector-only mode: it clones from the clip "
                                      "itself; add the voice without x_vector_only (a transcript is not needed)")
-        if np.asarray(audio).size == 0:
-            raise InvalidAudio("the reference clip is empty")
-        wav = to_mono_f32(audio)
-        if not np.all(np.isfinite(wav)):
-            raise InvalidAudio("the reference clip contains NaN or infinite samples")
-        if sample_rate <= 0:
-            raise InvalidAudio(f"invalid sample rate {sample_rate}")
-        check_clip_length(len(wav) / sample_rate)
-        if sample_rate != SAMPLE_RATE:
-            wav = resample(wav, sample_rate, SAMPLE_RATE)
-        wav = wav[:int(MAX_REF_SECONDS * SAMPLE_RATE)]
+        wav = prepare_reference(audio, sample_rate, SAMPLE_RATE)[:int(MAX_REF_SECONDS * SAMPLE_RATE)]
         import torch
 
         cond_emb, prompt_token, spk_emb, spk_feat = self.graphs["speech_encoder"].run(

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import hash_samples
 from .weights import read_json
 
 REQUIRED_FILES = (
@@ -95,13 +96,7 @@ def fingerprint(folder: Path) -> str:
     for name in ("config.json", "speech_tokenizer/config.json"):
         h.update((folder / name).read_bytes())
     for name in ("model.safetensors", "speech_tokenizer/model.safetensors"):
-        path = folder / name
-        size = path.stat().st_size
-        h.update(str(size).encode())
-        with open(path, "rb") as f:
-            for offset in [0] + [size * i // 16 for i in range(1, 16)] + [max(0, size - 65536)]:
-                f.seek(offset)
-                h.update(f.read(65536))
+        hash_samples(h, folder / name, 16)
     return h.hexdigest()[:16]
 
 
