@@ -253,13 +253,16 @@ def child(system: str, args, quantize: str = "none", checkpoint: str = "") -> di
 
 
 def main() -> None:
+    from makima_tts.engine.types import GenerationSettings
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint folder (default: build a random one in --cache)")
     ap.add_argument("--tiny", action="store_true", help="use the tiny test checkpoint (seconds)")
     ap.add_argument("--frames", type=int, default=125, help="frames to generate (125 = 10 s)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--first-chunk-frames", type=int, default=2)
+    ap.add_argument("--first-chunk-frames", type=int, default=GenerationSettings().first_chunk_frames,
+                    help="frames in the first chunk (default: the engine's, 1)")
     ap.add_argument("--warmup-frames", type=int, default=12, help="frames generated once before timing")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"), help="where built checkpoints are kept")
     ap.add_argument("--skip-reference", action="store_true")
