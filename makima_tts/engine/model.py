@@ -158,15 +158,13 @@ class Attention(nn.Module):
                             step.sin, step.positions, cache.k, cache.v, step.rows.start, self.cfg.num_heads,
                             self.cfg.num_kv_heads)
             k_all, v_all = cache.k[step.rows, :, :step.top], cache.v[step.rows, :, :step.top]
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.mask,
-                                                 enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = self.q_norm(q.view(b, t, -1, d)).transpose(1, 2)
-        k = self.k_norm(k.view(b, t, -1, d)).transpose(1, 2)
-        v = v.view(b, t, -1, d).transpose(1, 2)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        k_all, v_all = cache.update(step.rows, step.positions, k, v, step.top)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+            q = self.q_norm(q.view(b, t, -1, d)).transpose(1, 2)
+            k = self.k_norm(k.view(b, t, -1, d)).transpose(1, 2)
+            v = v.view(b, t, -1, d).transpose(1, 2)
+            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+            k_all, v_all = cache.update(step.rows, step.positions, k, v, step.top)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.mask,
                                              enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

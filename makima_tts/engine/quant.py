@@ -106,7 +106,7 @@ def _build_folder(name: str) -> Path:
 
 
 def _built(folder: Path, name: str):
-    """The extension already built in `folder` (named by its source and torch: nothing to check), imported
+    """The extension already built in `folder` (named by its source, torch and the CPU: nothing to check), imported
     without torch's build machinery (importing it and asking ninja cost ~0.3 s of every start); None when
     it is not there or its link did not finish (ninja logs an output once its command has succeeded; a
     half-written .so would crash the import, not fail it): `load` then builds it again."""
@@ -265,21 +265,16 @@ def quantize_module(module: nn.Module, method: str = "int8") -> dict:
     return {"linears": replaced, "method": method}
 
 
-def use_kernel_ops(module: nn.Module) -> int:
+def use_kernel_ops(module: nn.Module) -> None:
     """Give every RMSNorm and Attention under `module` the extension's fused float32 ops (when it built):
-    the norm in one call, and the q/k norms + RoPE + cache write in one call. -> how many modules."""
+    the norm in one call, and the q/k norms + RoPE + cache write in one call."""
     from .model import Attention, RMSNorm
 
     ext = kernel()
     if ext is None:
-        return 0
-    done = 0
+        return
     for m in module.modules():
         if isinstance(m, RMSNorm):
             m.kernel = ext.rms_norm
         elif isinstance(m, Attention):
             m.kernel = ext.qk_rope_cache
-        else:
-            continue
-        done += 1
-    return done

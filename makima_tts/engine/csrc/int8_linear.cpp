@@ -216,6 +216,17 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     return out;
 }
 
+static inline float inv_rms(const float* x, int64_t D, float eps) {      // 1 / sqrt(mean(x^2) + eps)
+    float acc[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= D; k += 16)
+        for (int l = 0; l < 16; ++l) acc[l] += x[k + l] * x[k + l];
+    float ss = 0.f;
+    for (int l = 0; l < 16; ++l) ss += acc[l];
+    for (; k < D; ++k) ss += x[k] * x[k];
+    return 1.f / std::sqrt(ss / float(D) + eps);
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     // x (..., D) float32, w (D) float32 -> x * rsqrt(mean(x^2) + eps) * w, one row at a time: one call in
     // place of torch's seven small ops for the norms of a decode step (a row of 128 or 1024 values)
@@ -226,21 +237,15 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     auto out = torch::empty_like(xc);
     const int64_t R = xc.numel() / D;
     const float* xp = xc.data_ptr<float>();
-    const float* wp = w.contiguous().data_ptr<float>();
+    auto wc = w.contiguous();              // held: a temporary's pointer would dangle
+    const float* wp = wc.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const float e = float(eps);
     at::parallel_for(0, R, std::max<int64_t>(1, 65536 / D), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const float* xr = xp + r * D;
             float* orow = op + r * D;
-            float acc[16] = {0};
-            int64_t k = 0;
-            for (; k + 16 <= D; k += 16)
-                for (int l = 0; l < 16; ++l) acc[l] += xr[k + l] * xr[k + l];
-            float ss = 0.f;
-            for (int l = 0; l < 16; ++l) ss += acc[l];
-            for (; k < D; ++k) ss += xr[k] * xr[k];
-            const float inv = 1.f / std::sqrt(ss / float(D) + e);
+            const float inv = inv_rms(xr, D, e);
             for (int64_t j = 0; j < D; ++j) orow[j] = xr[j] * inv * wp[j];
         }
     });
@@ -277,9 +282,7 @@ torch::Tensor qk_rope_cache(torch::Tensor qkv, torch::Tensor qw, torch::Tensor k
     const float e = float(eps);
     for (int64_t bt = 0; bt < B * T; ++bt) TORCH_CHECK(pp[bt] >= 0 && pp[bt] < L, "position outside the cache");
     auto norm_rope = [&](const float* src, const float* w, const float* cr, const float* sr, float* dst) {
-        float ss = 0.f;
-        for (int64_t j = 0; j < D; ++j) ss += src[j] * src[j];
-        const float inv = 1.f / std::sqrt(ss / float(D) + e);
+        const float inv = inv_rms(src, D, e);
         for (int64_t j = 0; j < half; ++j) {
             const float a = src[j] * inv * w[j], b = src[j + half] * inv * w[j + half];
             dst[j] = a * cr[j] - b * sr[j];
