@@ -300,8 +300,10 @@ def test_overloaded_after_retries_with_the_hint_api_keys_and_idle_reconnect(tiny
         run(keys())
         with Raw(s.ws_url + "/api/v1/speak?api_key=sesame") as hog:      # holds the only slot
             hog.recv_json()
-            hog.send(type="speak", text=LONG, id="hog")
-            hog.until("audio_start", "hog")
+            # streamed text never flushed: its utterance keeps the slot while it waits for more text (up to
+            # text_idle_timeout_s), however fast the model speaks what came (a whole `speak` could end first)
+            hog.send(type="text", text=LONG)
+            hog.until("audio_start", "s1")
 
             async def main():
                 async with AsyncClient(s.url, "sesame", overload_retries=2, overload_retry_s=0.4) as tts:
