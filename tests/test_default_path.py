@@ -107,6 +107,20 @@ def test_cache_key_names_the_checkpoint_and_kernel(tiny_checkpoint, tmp_path):
     assert cache_file(tmp_path).name == QuantCache(tmp_path, engine.fingerprint, torch.float32).path.name
 
 
+def test_writing_the_cache_removes_files_left_by_other_kernel_layouts(tiny_checkpoint, tmp_path):
+    engine = Qwen3Engine.load(tiny_checkpoint, weights_cache=None)
+    cache = QuantCache(tmp_path, engine.fingerprint, torch.float32)
+    tmp_path.mkdir(exist_ok=True)
+    old_kernel = tmp_path / cache.path.name.replace(quant.KERNEL_VERSION, "0" * len(quant.KERNEL_VERSION))
+    other_format = tmp_path / cache.path.name.replace("int8-b32", "int4-b32")
+    other_dtype = tmp_path / cache.path.name.replace("float32", "bfloat16")
+    for f in (old_kernel, other_format, other_dtype):
+        f.write_bytes(b"x")
+    Qwen3Engine.load(tiny_checkpoint, weights_cache=tmp_path)                # writes the cache
+    assert cache.path.is_file() and not old_kernel.exists()
+    assert other_format.exists() and other_dtype.exists()                   # still valid for their users
+
+
 # ---- memory while loading -------------------------------------------------------------------------
 
 _CHILD = r"""
