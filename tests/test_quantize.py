@@ -91,20 +91,28 @@ def test_codes_agree_with_float(engine, qengine, voice):
 
 
 @torch.no_grad()
-def test_int8_kernel_matches_its_dequantized_weights():
+@pytest.mark.parametrize("prefill_bf16", [False, True], ids=["prefill-float32", "prefill-bfloat16"])
+def test_int8_kernel_matches_its_dequantized_weights(monkeypatch, prefill_bf16):
     if quant.kernel() is None:
-        pytest.skip(f"int8 kernel not built here: {quant.kernel_error()}")
+        pytest.fail(f"int8 kernel not built here: {quant.kernel_error()}")
+    monkeypatch.setattr(quant, "PREFILL_BF16", prefill_bf16)     # the AMX choice, either way on any CPU
     torch.manual_seed(0)
     for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 7, 16, 20, 40, 70)]:
-        # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path for m <= 16, in calls of 16 rows
-        # up to PREFILL_ROWS (m=20, 40); m=70: prefill (float mm)
+        # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path up to PREFILL_ROWS;
+        # m=70: prefill (dequantized weights, a float32 matrix product, or bfloat16 for k=1024 on AMX)
         lin = nn.Linear(k, 96, bias=True)
         q = quant.Int8Linear.from_linear(lin)
         x = torch.randn(m, k)
         exact = nn.functional.linear(x, q.dequantized(), lin.bias)
-        assert float((q(x) - exact).norm() / exact.norm()) < 1e-4      # int16 activations: ~3e-5
+        if prefill_bf16 and k % quant.GROUP == 0 and m > quant.PREFILL_ROWS:
+            w16 = q.dequantized(torch.empty(96, k, dtype=torch.bfloat16))
+            assert torch.equal(w16, q.dequantized().bfloat16())          # rounded to nearest even, in C++
+            assert torch.allclose(q(x), nn.functional.linear(x.bfloat16(), w16).float() + lin.bias, atol=1e-5)
+            assert 1e-4 < float((q(x) - exact).norm() / exact.norm()) < 0.01   # bfloat16 inputs: ~3e-3
+        else:
+            assert float((q(x) - exact).norm() / exact.norm()) < 1e-4      # int16 activations: ~3e-5
         err = float((q(x) - lin(x)).norm() / lin(x).norm())
-        assert err < 0.006                          # weight rounding: ~0.4 % for Gaussian weights
+        assert err < 0.01                          # weight rounding: ~0.4 % for Gaussian weights
 
 
 def test_quantize_is_refused_off_float32(tiny_checkpoint):
@@ -133,9 +141,10 @@ def test_kernel_rms_norm_matches_torch(qengine):
     assert torch.allclose(op(q, w[:128], 1e-6), nn.functional.rms_norm(q, (128,), w[:128], 1e-6), rtol=1e-5, atol=1e-6)
 
 
-def test_int4_kernel_matches_its_dequantized_weights():
+def test_int4_kernel_matches_its_dequantized_weights(monkeypatch):
     if quant.kernel() is None:
         pytest.fail(f"the int8 kernel does not build here: {quant.kernel_error()}")
+    monkeypatch.setattr(quant, "PREFILL_BF16", False)     # m=70's bfloat16 prefill: tested above
     torch.manual_seed(0)
     for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 16, 40, 70)]:
         lin = nn.Linear(k, 96, bias=True).requires_grad_(False)

@@ -138,12 +138,30 @@ def kernel_error() -> Optional[str]:
 _local = threading.local()
 
 
-def _scratch(numel: int) -> torch.Tensor:
-    """A float32 buffer of `numel` elements, reused per thread (for dequantized weights in prefill)."""
-    buf = getattr(_local, "buf", None)
+def _scratch(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer of `numel` elements, reused per thread and dtype (for dequantized weights in prefill)."""
+    key = f"buf_{str(dtype).replace('torch.', '')}"
+    buf = getattr(_local, key, None)
     if buf is None or buf.numel() < numel:
-        buf = _local.buf = torch.empty(numel)
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_local, key, buf)
     return buf[:numel]
+
+
+def _amx_bf16() -> bool:
+    """Whether torch's bfloat16 matrix product runs on AMX tiles here (Sapphire Rapids and later)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() and cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+# A prompt's matrix products (more than PREFILL_ROWS rows, in_features a multiple of GROUP: the real
+# models' shapes) in bfloat16 where AMX runs them: ~2x faster than float32 over the whole linear,
+# dequantizing included, for a relative error ~4e-3 on those rows only (the decode steps keep the
+# kernel's int16 path). Elsewhere (AVX2, AVX-512 without AMX) float32, as bfloat16 would be slower.
+PREFILL_BF16 = _amx_bf16()
 
 
 def quantize_blocks(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +182,8 @@ class Int8Linear(nn.Module):
     rounding alone. `qweight` is stored in the kernel's order (permuted within groups of 512
     inputs); `dequantized()` gives the float weight in natural order. The module owns how rows
     are fed to the kernel: all in one call up to PREFILL_ROWS (its fast path takes any number), and
-    above (a prompt) the weights dequantized once for a float matrix product."""
+    above (a prompt) the weights dequantized once for a float matrix product (bfloat16 on AMX, see
+    PREFILL_BF16)."""
 
     bits = 8
 
@@ -188,7 +207,8 @@ class Int8Linear(nn.Module):
         return cls(linear.in_features, linear.out_features, stored, s, bias)
 
     def dequantized(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The float32 weight (out_features, in_features) these int8 values and scales stand for."""
+        """The float32 weight (out_features, in_features) these int8 values and scales stand for (into
+        `out`, float32 or bfloat16: then rounded to nearest even)."""
         out = torch.empty(self.out_features, self.in_features) if out is None else out
         return self._dequantize(self.qweight, self.scales, self._pack, out)
 
@@ -198,8 +218,11 @@ class Int8Linear(nn.Module):
         rows = x2.shape[0]
         if rows > PREFILL_ROWS:
             # many rows (a prompt): compute-bound, so dequantize once and use the float matrix product
-            w = _scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
-            out = F.linear(x2, self.dequantized(w), self.bias)
+            dtype = torch.bfloat16 if PREFILL_BF16 and self.in_features % GROUP == 0 else torch.float32
+            w = _scratch(self.out_features * self.in_features, dtype).view(self.out_features, self.in_features)
+            out = F.linear(x2.to(dtype), self.dequantized(w)).float()
+            if self.bias is not None:
+                out = out + self.bias
         else:
             out = self._op(x2, self.qweight, self.scales)
             if self.bias is not None:

@@ -87,17 +87,21 @@ static void general(const float* xp, const void* wp, const float* sp, float* op,
 }
 
 torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Tensor out) {
-    // -> out: float32 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in a VM).
+    // -> out: float32 or bfloat16 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in
+    // a VM). bfloat16: each float32 weight rounded to nearest even, for a bfloat16 matrix product (AMX).
     // w: int8 (N, K) or packed int4 uint8 (N, K / 2)
     TORCH_CHECK(P == 2);
     const int bits = w.dtype() == torch::kUInt8 ? 4 : 8;
     const int64_t N = w.size(0), K = bits == 8 ? w.size(1) : 2 * w.size(1), nb = K / 32;
-    TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K);
+    const bool bf16 = out.dtype() == torch::kBFloat16;
+    TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.is_contiguous() && out.numel() == N * K);
     const void* wp = w.data_ptr();
     const float* sp = s.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+    float* op = bf16 ? nullptr : out.data_ptr<float>();
+    at::BFloat16* bp = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         std::vector<int8_t> nat(K), tmp(K);
+        std::vector<float> row(bf16 ? K : 0);
         for (int64_t n = n0; n < n1; ++n) {
             const int8_t* wr = stored_row(wp, n, K, bits, tmp.data());
             if (K % 512 == 0) {               // undo the permutation: a 16 x 16 transpose of 2-byte pairs
@@ -109,10 +113,19 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Ten
             } else {
                 std::copy(wr, wr + K, nat.begin());
             }
-            float* orow = op + n * K;
+            float* orow = bf16 ? row.data() : op + n * K;
             const float* sr = sp + n * nb;
             for (int64_t b = 0; b < nb; ++b)
                 for (int t = 0; t < 32; ++t) orow[b * 32 + t] = float(nat[b * 32 + t]) * sr[b];
+            if (bf16) {
+                at::BFloat16* brow = bp + n * K;
+                int64_t k = 0;
+#if defined(__AVX512BF16__)
+                for (; k + 16 <= K; k += 16)
+                    _mm256_storeu_si256((__m256i*)(brow + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(orow + k)));
+#endif
+                for (; k < K; ++k) brow[k] = at::BFloat16(orow[k]);     // round to nearest even
+            }
         }
     });
     return out;
