@@ -2,6 +2,8 @@
 (makima_tts.testing.chatterbox_export), checked against the reference package `chatterbox-tts`."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,16 @@ CHUNK_SNR_DB = 30.0
 # Our decode (the ONNX graph) against the package's own S3Token2Wav.inference on the same weights: float
 # rounding only (measured 9e-8 at a peak of 0.064).
 EXPORT_BOUND = 1e-5
+# A voice cloned by our engine (the speech_encoder graph: the package's voice encoder, S3 tokenizer, CAMPPlus and
+# mel front ends, random weights) against the package's own ChatterboxTurboTTS.prepare_conditionals on the same
+# weights and clip (T3's 16 kHz clip resampled as the graph does, see Reference.conditionals), 6, 12.3 and 16.5 s
+# clips: both prompt token sequences identical; T3's conditioning embeddings within 1.8e-7 (values up to 0.70),
+# the x-vector within 8.4e-9 (values up to 0.024), the log-mel features within 3.7e-5 (values -5.1 to 2.0; the
+# STFT as convolutions). With the package's own soxr resampling of T3's clip, its voice-encoder row moves by
+# 3.4e-5 and 69-73 % of T3's prompt tokens stay the same (random tokenizer weights round differently).
+COND_BOUND = 1e-5
+XVECTOR_BOUND = 1e-6
+FEATURES_BOUND = 5e-4
 
 
 def greedy(max_frames: int = 40, **kw) -> GenerationSettings:
@@ -33,8 +45,16 @@ def cb_engine(chatterbox_export):
 
 
 @pytest.fixture(scope="module")
-def cb_voice(cb_engine, ref_clip):
-    return cb_engine.create_voice_prompt(ref_clip, 24000)
+def cb_clip():
+    """6 s: the package's prepare_conditionals wants more than 5 s."""
+    from makima_tts.testing.clips import reference_clip
+
+    return reference_clip(6.0)
+
+
+@pytest.fixture(scope="module")
+def cb_voice(cb_engine, cb_clip):
+    return cb_engine.create_voice_prompt(cb_clip, 24000)
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +97,55 @@ def test_other_folders_are_not_the_layout(tmp_path, tiny_checkpoint):
         ChatterboxEngine.load(tmp_path)
 
 
+@pytest.mark.parametrize("seconds,seed", [(6.0, 0), (12.3, 1), (16.5, 2)])
+def test_a_cloned_voice_has_the_reference_packages_conditionals(cb_engine, cb_reference, seconds, seed):
+    """create_voice_prompt (the speech_encoder graph) against the package's own prepare_conditionals on the same
+    weights and clip (the engine keeps the first 15 s, so the package gets those): 6 s, 12.3 s (S3Gen's
+    reference cut at 10 s; not a whole number of 40 ms tokens) and 16.5 s (T3's prompt at its 375 tokens)."""
+    import torch
+
+    from makima_tts.testing.clips import reference_clip
+
+    clip = reference_clip(seconds, seed=seed)
+    voice = cb_engine.create_voice_prompt(clip, 24000)
+    conds = cb_reference.conditionals(clip[:15 * 24000])
+    with torch.no_grad():
+        cond_emb = cb_reference.t3.prepare_conditioning(conds.t3).numpy()
+    ours = voice.tensors["cond_emb"].numpy()
+    n_prompt = min(375, math.ceil(seconds * 25))
+    assert ours.shape == cond_emb.shape == (1, 1 + n_prompt, cb_reference.geo["n_embd"])
+    assert np.max(np.abs(ours - cond_emb)) < COND_BOUND
+    gen = conds.gen
+    assert voice.tensors["prompt_token"].tolist() == gen["prompt_token"].tolist()
+    assert voice.tensors["prompt_token"].shape[1] == int(min(seconds, 10.0) * 25)
+    assert np.max(np.abs(voice.speaker_embedding.numpy() - gen["embedding"].numpy())) < XVECTOR_BOUND
+    assert np.max(np.abs(voice.tensors["speaker_features"].numpy() - gen["prompt_feat"].numpy())) < FEATURES_BOUND
+    # with the package's own soxr resampling of T3's clip only T3's conditioning moves (its prompt tokens are the
+    # tokenizer's rounding of slightly other audio); S3Gen's reference is resampled by torchaudio either way
+    soxr = cb_reference.conditionals(clip[:15 * 24000], package_resampler=True)
+    assert soxr.gen["prompt_token"].tolist() == gen["prompt_token"].tolist()
+    assert torch.equal(soxr.gen["embedding"], gen["embedding"])
+    assert not torch.equal(soxr.t3.speaker_emb, conds.t3.speaker_emb)
+
+
 @pytest.mark.parametrize("text", TEXTS)
-def test_greedy_tokens_identical_to_the_reference_package(cb_engine, cb_voice, cb_reference, ref_clip, text):
+def test_greedy_tokens_identical_to_the_reference_package(cb_engine, cb_voice, cb_reference, cb_clip, text):
     from chatterbox.tts_turbo import punc_norm
 
     assert normalise_text(text) == punc_norm(text)
     ours = list(cb_engine.speech_tokens(text, cb_voice, greedy(40)))
-    theirs = cb_reference.greedy_tokens(punc_norm(text), ref_clip, 40)
+    theirs = cb_reference.greedy_tokens(punc_norm(text), cb_clip, 40)
     assert len(ours) == 40 and ours == theirs
     # and they depend on the text and on the voice
-    other_voice = cb_engine.create_voice_prompt(ref_clip[::-1].copy(), 24000)
+    other_voice = cb_engine.create_voice_prompt(cb_clip[::-1].copy(), 24000)
     assert list(cb_engine.speech_tokens(text, other_voice, greedy(40))) != ours
     assert list(cb_engine.speech_tokens(text + " Again!", cb_voice, greedy(40))) != ours
 
 
-def test_whole_waveform_matches_the_reference_package(cb_engine, cb_voice, cb_reference, ref_clip):
+def test_whole_waveform_matches_the_reference_package(cb_engine, cb_voice, cb_reference, cb_clip):
     tokens = list(cb_engine.speech_tokens(TEXTS[0], cb_voice, greedy(30)))
     ours = cb_engine.decode_whole(tokens, cb_voice)
-    theirs = cb_reference.decode(tokens + [SILENCE_TOKEN] * TAIL_SILENCE, ref_clip)
+    theirs = cb_reference.decode(tokens + [SILENCE_TOKEN] * TAIL_SILENCE, cb_clip)
     assert len(ours) == len(theirs) == (len(tokens) + TAIL_SILENCE) * TOKEN_SAMPLES
     assert np.max(np.abs(theirs)) > 1e-3                      # not silence
     assert np.max(np.abs(ours - theirs)) < EXPORT_BOUND
@@ -153,10 +204,10 @@ def test_sampling_follows_the_seed(cb_engine, cb_voice):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "q4"])
-def test_graph_variants_load_and_speak(chatterbox_export, ref_clip, dtype, cb_engine, cb_voice):
+def test_graph_variants_load_and_speak(chatterbox_export, cb_clip, dtype, cb_engine, cb_voice):
     engine = ChatterboxEngine.load(chatterbox_export, dtype=dtype)
     assert engine.dtype == dtype and engine.fingerprint != cb_engine.fingerprint
-    voice = engine.create_voice_prompt(ref_clip, 24000)
+    voice = engine.create_voice_prompt(cb_clip, 24000)
     pcm = np.concatenate([c.pcm for c in engine.stream(TEXTS[0], voice, "en", greedy(20))])
     assert len(pcm) == (20 + TAIL_SILENCE) * TOKEN_SAMPLES and np.all(np.isfinite(pcm))
     if dtype == "fp16":    # half precision keeps the greedy tokens on this model

@@ -20,10 +20,15 @@ What is real and what stands in:
   (`no_noise`), in the export and in `Reference.decode` (the package's own S3Token2Wav.inference), so the two
   compare sample by sample. For the tracer, HiFT's STFT and inverse STFT run as convolutions (same numbers to
   1e-6) and the padding masks are sized by the traced lengths.
-* The speech encoder is a small stand-in with the official graph's inputs and outputs (audio_values ->
-  cond_emb, prompt_token, speaker_embeddings, speaker_features); its cond_emb is the package's conditioning
-  encoder (speaker projection + speech embeddings of the prompt tokens), so `Reference.conditionals()` gives
-  the package the same conditionals. It is not the package's voice encoder, S3 tokenizer or CAMPPlus.
+* The speech encoder is the package's own voice cloning (`chatterbox_speech`): what
+  `ChatterboxTurboTTS.prepare_conditionals` computes from a clip, in one graph as the official one is called
+  (audio_values -> audio_features, audio_tokens, speaker_embeddings, speaker_features): T3's conditioning
+  (the `VoiceEncoder` speaker embedding through T3's conditioning encoder, then the speech embeddings of the
+  `S3Tokenizer` prompt tokens of the first 15 s), S3Gen's reference (S3Tokenizer tokens, the `CAMPPlus`
+  x-vector and the 80-bin mel of the first 10 s). Random weights, tiny: the LSTM 64 wide, one tokenizer block,
+  CAMPPlus growth 8; --full: the package's sizes. The 16 kHz resampling is torchaudio's sinc resampler
+  throughout (the package uses soxr for T3's clip; see chatterbox_speech). `Reference.conditionals()` runs the
+  package's own prepare_conditionals on the same weights.
 * The tokenizer is a byte-level BPE (GPT-2's scheme) trained on a few sentences. The official export's
   tokenizer.json and embed_tokens internals are not visible here; this builder's pair follows the model
   card's loop: `tokenizer(text)` ids go to embed_tokens on the first step and the generated speech
@@ -103,7 +108,6 @@ def _t3(geo: dict, seed: int):
 
 def _modules(t3, geo: dict, seed: int):
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     D = geo["n_embd"]
@@ -163,47 +167,6 @@ def _modules(t3, geo: dict, seed: int):
             x = self.tfmr.ln_f(x)
             return (self.speech_head(x), *presents)
 
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def init(m: nn.Module, scale: float):
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
-        return m
-
-    class SpeechEncoder(nn.Module):
-        """Stand-in: 40 ms frames -> prompt tokens, a voice-encoder-like embedding, mel-like features,
-        an x-vector; cond_emb by the package's conditioning encoder."""
-
-        MAX_SAMPLES = 10 * SAMPLE_RATE
-
-        def __init__(self):
-            super().__init__()
-            self.frame = init(nn.Linear(TOKEN_SAMPLES, 64), 4.0)
-            self.tok = init(nn.Linear(64, 6561), 1.0)
-            self.ve = init(nn.Linear(64, 256), 1.0)
-            self.feat = init(nn.Linear(TOKEN_SAMPLES // 2, 80), 4.0)
-            self.xvec = init(nn.Linear(80, 192), 1.0)
-            self.spkr_enc = t3.cond_enc.spkr_enc
-            self.speech_emb = t3.speech_emb
-
-        def parts(self, audio):
-            audio = audio[:, :self.MAX_SAMPLES]
-            n = audio.shape[1] // TOKEN_SAMPLES
-            clip = audio[:, :n * TOKEN_SAMPLES]
-            h = torch.tanh(self.frame(clip.reshape(1, n, TOKEN_SAMPLES)))
-            tokens = torch.argmax(self.tok(h), dim=-1)
-            ve = F.normalize(self.ve(h).mean(dim=1), dim=-1)
-            feats = torch.tanh(self.feat(clip.reshape(1, 2 * n, TOKEN_SAMPLES // 2)))
-            xvec = self.xvec(feats.mean(dim=1))
-            return tokens, ve, feats, xvec
-
-        def forward(self, audio_values):
-            tokens, ve, feats, xvec = self.parts(audio_values)
-            t3_tokens = tokens[:, :375]
-            cond = torch.cat([self.spkr_enc(ve)[:, None], self.speech_emb(t3_tokens)], dim=1)
-            return cond, tokens, xvec, feats
-
     flow, hift = _s3gen(geo, seed)
 
     class ConditionalDecoder(nn.Module):
@@ -233,7 +196,10 @@ def _modules(t3, geo: dict, seed: int):
             head = wav[:, :TOKEN_SAMPLES] * self.trim_fade
             return torch.cat([head, wav[:, TOKEN_SAMPLES:]], dim=1)
 
-    return EmbedTokens().eval(), LanguageModel().eval(), SpeechEncoder().eval(), ConditionalDecoder().eval()
+    from .chatterbox_speech import speech_encoder, voice_modules
+
+    enc = speech_encoder(t3, voice_modules(seed, tiny=geo.get("tiny_decoder", True)))
+    return EmbedTokens().eval(), LanguageModel().eval(), enc, ConditionalDecoder().eval()
 
 
 def _s3gen(geo: dict, seed: int):
@@ -408,10 +374,15 @@ def _variant(src: Path, dtype: str) -> Path:
     dst = src.with_name(src.name[:-len(".onnx")] + SUFFIXES[dtype] + ".onnx")
     model = onnx.load(str(src))
     if dtype == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-        # inputs and outputs as the official fp16 graphs have them: float16 where they are float
-        model = convert_float_to_float16(model, keep_io_types=False)
+        from .chatterbox_speech import FLOAT32_NODES
+
+        # inputs and outputs as the official fp16 graphs have them: float16 where they are float. The speech
+        # encoder's front ends and S3 tokenizer (FLOAT32_NODES) and its LSTM stay float32.
+        keep = [n.name for n in model.graph.node if FLOAT32_NODES.match(n.name)]
+        model = convert_float_to_float16(model, keep_io_types=False, op_block_list=DEFAULT_OP_BLOCK_LIST + ["LSTM"],
+                                         node_block_list=keep)
     elif dtype == "q4":
         import logging
 
@@ -432,7 +403,7 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
     import torch
 
     out = Path(out)
-    stamp = {"format": "makima-chatterbox-test/3", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
+    stamp = {"format": "makima-chatterbox-test/4", "tiny": tiny, "dtypes": sorted(dtypes), "seed": seed}
     marker = out / "makima-test-export.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
@@ -464,7 +435,10 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
     dyn.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
     _export(lm, args, onnx_dir / "language_model.onnx", ["inputs_embeds", "attention_mask", "position_ids", *past_names],
             ["logits", *present_names], dyn)
-    _export(enc, (torch.randn(1, SAMPLE_RATE * 3) * 0.1,), onnx_dir / "speech_encoder.onnx", ["audio_values"],
+    from .clips import reference_clip
+
+    _export(enc, (torch.from_numpy(reference_clip(4.0, seed=3))[None],), onnx_dir / "speech_encoder.onnx",
+            ["audio_values"],
             ["audio_features", "audio_tokens", "speaker_embeddings", "speaker_features"],
             {"audio_values": {0: "batch_size", 1: "num_samples"},
              "audio_features": {0: "batch_size", 1: "sequence_length"},
@@ -493,6 +467,26 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
 # ---------------------------------------------------------------------------------- the package's inference
 
 
+@contextlib.contextmanager
+def _sinc_resampling():
+    """librosa.resample as torchaudio's sinc resampler (what the speech encoder graph does), for a while."""
+    import librosa
+    import torch
+    import torchaudio
+
+    saved = librosa.resample
+
+    def sinc(y, *, orig_sr, target_sr, **_):
+        return torchaudio.functional.resample(torch.from_numpy(np.asarray(y, dtype=np.float32)), orig_sr,
+                                              target_sr).numpy()
+
+    librosa.resample = sinc
+    try:
+        yield
+    finally:
+        librosa.resample = saved
+
+
 class Reference:
     """The reference package's modules on an export's weights (reference.pt): for parity tests."""
 
@@ -510,14 +504,47 @@ class Reference:
 
         self.tokenizer = Tokenizer.from_file(str(Path(export) / "tokenizer.json"))
 
-    def conditionals(self, audio_24k: np.ndarray):
-        """(package T3Cond, prompt tokens, x-vector, features) for a 24 kHz clip, computed in torch."""
+    def package_tts(self):
+        """The package's ChatterboxTurboTTS around these modules (T3, S3Gen's tokenizer, CAMPPlus, flow and HiFT,
+        the voice encoder); no text tokenizer or watermarker (not needed here)."""
         import torch
-        from chatterbox.models.t3.modules.cond_enc import T3Cond
+        from chatterbox.models.s3gen.s3gen import S3Token2Wav
+        from chatterbox.models.s3gen.utils.mel import mel_spectrogram
+        from chatterbox.tts_turbo import ChatterboxTurboTTS
 
-        with torch.no_grad():
-            tokens, ve, feats, xvec = self.enc.parts(torch.from_numpy(audio_24k[None].astype(np.float32)))
-        return T3Cond(speaker_emb=ve, cond_prompt_speech_tokens=tokens[:, :375]), tokens, xvec, feats
+        if getattr(self, "_tts", None) is None:
+            s3gen = S3Token2Wav.__new__(S3Token2Wav)
+            torch.nn.Module.__init__(s3gen)
+            s3gen.tokenizer, s3gen.speaker_encoder, s3gen.mel_extractor = self.enc.s3, self.enc.campplus, \
+                mel_spectrogram
+            s3gen.flow, s3gen.mel2wav, s3gen.meanflow, s3gen.resamplers = self.dec.flow, self.dec.hift, True, {}
+            s3gen.register_buffer("trim_fade", self.dec.trim_fade.clone(), persistent=False)
+            tts = ChatterboxTurboTTS.__new__(ChatterboxTurboTTS)
+            tts.t3, tts.s3gen, tts.ve, tts.device, tts.sr, tts.conds = self.t3, s3gen.eval(), self.enc.ve, "cpu", \
+                SAMPLE_RATE, None
+            self._tts = tts
+        return self._tts
+
+    def conditionals(self, audio_24k: np.ndarray, package_resampler: bool = False):
+        """The package's own `prepare_conditionals` for a 24 kHz clip (over 5 s, as it requires), without its
+        loudness normalisation: its Conditionals (.t3: T3Cond, .gen: S3Gen's ref_dict). package_resampler=False
+        resamples T3's clip with torchaudio's sinc resampler, as the graph does, instead of librosa's soxr."""
+        import contextlib
+        import io
+        import tempfile
+
+        import soundfile as sf
+        import torch
+
+        tts = self.package_tts()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "ref.wav"
+            sf.write(str(path), np.asarray(audio_24k, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
+            with torch.no_grad(), (contextlib.nullcontext() if package_resampler else _sinc_resampling()), \
+                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                tts.prepare_conditionals(str(path), exaggeration=0.0, norm_loudness=False)
+        conds, tts.conds = tts.conds, None
+        return conds
 
     def text_tokens(self, text: str):
         """The package's text token ids (this export's tokenizer ids less the offset, without START_SPEECH)."""
@@ -533,7 +560,7 @@ class Reference:
 
         import torch
 
-        cond, *_ = self.conditionals(audio_24k)
+        cond = self.conditionals(audio_24k).t3
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             out = self.t3.inference_turbo(t3_cond=cond, text_tokens=self.text_tokens(text), temperature=1.0,
                                           top_k=1, top_p=1.0, repetition_penalty=1.0, max_gen_len=max_new - 1)
@@ -541,26 +568,15 @@ class Reference:
 
     def decode(self, speech_tokens: list[int], audio_24k: np.ndarray) -> np.ndarray:
         """The package's own `S3Token2Wav.inference` (2 meanflow steps, as ChatterboxTurboTTS.generate) on these
-        weights, with the voice's prompt tokens, features and x-vector as its ref_dict, its random draws zeroed
-        (no_noise) as in the export."""
+        weights, with prepare_conditionals' ref_dict for the clip, its random draws zeroed (no_noise) as in the
+        export."""
         import contextlib
         import io
 
         import torch
-        from chatterbox.models.s3gen.s3gen import S3Token2Wav
 
-        class Shell(S3Token2Wav):        # the decoding half only (no S3 tokenizer or speaker encoder)
-            device = property(lambda self: torch.device("cpu"))
-            dtype = property(lambda self: torch.float32)
-
-        shell = Shell.__new__(Shell)
-        torch.nn.Module.__init__(shell)
-        shell.flow, shell.mel2wav, shell.meanflow = self.dec.flow, self.dec.hift, True
-        shell.register_buffer("trim_fade", self.dec.trim_fade.clone(), persistent=False)
-        shell.eval()
-        _, prompt, xvec, feats = self.conditionals(audio_24k)
-        ref = {"prompt_token": prompt, "prompt_token_len": torch.tensor([prompt.shape[1]]), "prompt_feat": feats,
-               "prompt_feat_len": torch.tensor([feats.shape[1]]), "embedding": xvec}
+        shell = self.package_tts().s3gen
+        ref = self.conditionals(audio_24k).gen
         with no_noise(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             wav, _ = shell.inference(torch.tensor([speech_tokens], dtype=torch.long), ref_dict=ref, n_cfm_timesteps=2)
         return wav[0].numpy()
