@@ -2,8 +2,9 @@
 
 The export is four ONNX graphs under `onnx/` plus the tokenizer (tokenizer.json) beside them:
 
-* `speech_encoder`: audio_values (1, samples) float at 24 kHz -> cond_emb (1, n, hidden), prompt_token
-  (1, t) int64, speaker_embeddings (1, 192), speaker_features (1, f, 80): a voice, computed once per clip.
+* `speech_encoder`: audio_values (1, samples) float at 24 kHz -> audio_features (1, n, hidden: T3's conditioning,
+  here cond_emb), audio_tokens (1, t) int64 (the prompt tokens), speaker_embeddings (1, 192), speaker_features
+  (1, f, 80), read in that order: a voice, computed once per clip.
 * `embed_tokens`: input_ids (1, s) int64 -> inputs_embeds (1, s, hidden). The first step takes the
   tokenizer's ids, later steps the last speech token.
 * `language_model`: inputs_embeds, attention_mask, position_ids and past_key_values.N.key/value

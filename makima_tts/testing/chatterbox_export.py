@@ -29,12 +29,21 @@ What is real and what stands in:
   CAMPPlus growth 8; --full: the package's sizes. The 16 kHz resampling is torchaudio's sinc resampler
   throughout (the package uses soxr for T3's clip; see chatterbox_speech). `Reference.conditionals()` runs the
   package's own prepare_conditionals on the same weights.
-* The tokenizer is a byte-level BPE (GPT-2's scheme) trained on a few sentences. The official export's
-  tokenizer.json and embed_tokens internals are not visible here; this builder's pair follows the model
-  card's loop: `tokenizer(text)` ids go to embed_tokens on the first step and the generated speech
-  tokens (0..6562) on the next ones. Text ids are offset by the speech vocabulary (6563) and the
-  tokenizer appends START_SPEECH (6561), so the first step's embeddings are the package's
-  (conditioning, text, start-of-speech).
+* The tokenizer is a byte-level BPE (GPT-2's scheme) trained on a few sentences. This builder's tokenizer.json
+  and embed_tokens are a pair of its own: text ids offset by the speech vocabulary (6563), START_SPEECH (6561)
+  appended by the tokenizer, so the first step's embeddings are the package's (conditioning, text,
+  start-of-speech). The official pair differs: its tokenizer.json gives GPT-2's own ids (text up to 50256, the
+  tags 50257-50275) and appends two 50256 (end-of-text) tokens, and how its embed_tokens tells those from speech
+  ids (both from 0) is inside the graph, documented nowhere found. What both pairs share is the model card's
+  loop, which the engine follows: `tokenizer(text)` ids, unchanged, to embed_tokens on the first step (after
+  the speech encoder's audio_features), the last generated speech token (0..6562) on each later one. Sources
+  (ports of the model card's example): moeru-ai/ortts
+  crates/backend_chatterbox_turbo/src/utils/inference.rs (tokenizer.encode(text, true) straight to
+  embed_tokens, generated tokens after), strawberry-labs/chatterbox-onnx-web js/tts-engine-complete.js and
+  DEBUG_SUMMARY.md (the official tokenizer's ids, tags at 50257-50275), edgevox-onnx
+  csrc/offline-tts-chatterbox-model.cc ("tokenizer.json applies TemplateProcessing with two trailing EOS
+  tokens", 50256), transformers.js models/chatterbox (the exporter's own runtime: input_ids alone to
+  embed_tokens when the graph takes nothing else).
 
 Graph files: `onnx/{name}{suffix}.onnx` with weights in `{file}_data`; suffix "" (fp32), "_fp16", "_q4".
 """
