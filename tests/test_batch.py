@@ -372,3 +372,41 @@ def test_voice_prefix_computed_once_same_codes(engine, ref_clip, monkeypatch):
     assert engine.plan(TEXTS[0], voice, "english", greedy(8)).prompt.prefix is None
     for text, codes in zip(TEXTS[:2], with_prefix):
         assert torch.equal(solo(engine, text, voice, greedy(8)), codes)
+
+
+def test_a_burst_of_streams_prefills_together(engine, voice, xvoice, monkeypatch):
+    """Streams set up (planned) at the same moment join in one prefill: the first to be ready waits
+    for the others being set up beside it (at most gather_s) instead of prefilling alone; the codes are
+    those each gets alone. A lone stream does not wait (nobody else is being set up)."""
+    specs = [(TEXTS[0], voice), (TEXTS[1], xvoice), (TEXTS[3], voice)]
+    want = [solo(engine, t, v, greedy(6)) for t, v in specs]
+    be = BatchedEngine(engine, max_batch=4, gather_s=60.0)
+    plan, release, first_ready = engine.plan, threading.Event(), threading.Event()
+
+    def slow_plan(text, *a, **kw):              # the 2nd and 3rd stream's set-up ends after the 1st's
+        row = plan(text, *a, **kw)
+        if text != TEXTS[0]:
+            release.wait(30)
+        else:
+            first_ready.set()
+        return row
+
+    monkeypatch.setattr(be.engine, "plan", slow_plan)
+    try:
+        runners = [Runner(be, t, v, greedy(6)) for t, v in specs]
+        assert first_ready.wait(30)
+        wait_for(lambda: be.active_streams == 1)            # the first waits for the others ...
+        time.sleep(0.2)
+        assert be.counters["joins"] == 0
+        release.set()
+        got = [r.codes() for r in runners]
+        assert be.counters["joins"] == 1 and be.counters["max_join_rows"] == 3   # ... one prefill for all
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        monkeypatch.setattr(be.engine, "plan", plan)
+        lone = Runner(be, TEXTS[1], voice, greedy(3))
+        lone.thread.join(20)                                   # well before gather_s
+        assert not lone.thread.is_alive() and len(lone.codes()) == 3
+        assert be.counters["joins"] == 2 and be.counters["max_join_rows"] == 3
+    finally:
+        be.close()

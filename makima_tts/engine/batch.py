@@ -21,6 +21,8 @@ one utterance alone (a batch of one):
   max_frames) leave (`FrameGenerator.leave`), and waiting streams join: their prefills run together
   in one padded forward pass (`FrameGenerator.join`); while others are running, one pause takes
   joiners up to `join_tokens` prompt tokens (at least one), the rest join at the next pause.
+  When nothing runs, the first stream ready waits (at most `gather_s`) for streams still being set
+  up on other threads: a burst of streams prefills in one pass.
   Then `complete()` and `advance()` step every row together.
 - Each row keeps its own settings, torch.Generator (seeded from `settings.seed`), codebook-0 history
   and EOS rule, drawn in the one-stream order, so a stream's codes never depend on the others.
@@ -79,7 +81,7 @@ class BatchedEngine:
 
     generator_class = FrameGenerator
 
-    def __init__(self, engine, max_batch: int = 8, join_tokens: int = 1024):
+    def __init__(self, engine, max_batch: int = 8, join_tokens: int = 1024, gather_s: float = 0.25):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.engine = engine
@@ -87,13 +89,18 @@ class BatchedEngine:
         # while streams are running, the joiners' prefills of one pause between frames take at most
         # this many prompt tokens together (at least one joiner): a burst does not stall them long
         self.join_tokens = join_tokens
+        # when nothing runs, a stream waits (at most gather_s) for the streams that are being set up
+        # (their `plan` on their own threads) beside it, so that a burst prefills in one forward pass
+        # instead of the first alone and the rest a prefill later; a lone stream never waits
+        self.gather_s = gather_s
+        self._planning = 0
         self._cond = threading.Condition()
         self._waiting: list[_Stream] = []
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._gen: Optional[FrameGenerator] = None
         self.counters = {"frames": 0, "steps": 0, "max_rows": 0, "threads_started": 0,
-                         "codec_calls": 0, "codec_max_rows": 0}
+                         "codec_calls": 0, "codec_max_rows": 0, "joins": 0, "max_join_rows": 0}
         # called by the scheduler thread after every frame step with the rows it stepped (tests, metrics)
         self.on_step = None
         self._hold = 0
@@ -159,7 +166,17 @@ class BatchedEngine:
     def _request(self, text, voice, language, settings, cancel) -> _Stream:
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        row = self.engine.plan(text, voice, language, settings, cancel)
+        planning = isinstance(text, str)         # a TextFeed may wait long for its text: not gathered
+        if planning:
+            with self._cond:
+                self._planning += 1
+        try:
+            row = self.engine.plan(text, voice, language, settings, cancel)
+        finally:
+            if planning:
+                with self._cond:
+                    self._planning -= 1
+                    self._cond.notify_all()
         if row is None:                          # cancelled while waiting for its text
             return None
         s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=Channel(cancel=cancel))
@@ -263,6 +280,10 @@ class BatchedEngine:
                     return
                 room = self.max_batch - len(self._active)
                 if room > 0 and self._waiting and not self._hold:
+                    gather = self.gather_s - (time.perf_counter() - self._waiting[0].submitted)
+                    if not self._active and self._planning and len(self._waiting) < room and gather > 0:
+                        self._cond.wait(gather)      # streams being set up beside it: one prefill for all
+                        continue
                     joiners = self._take_joiners(room)
             if joiners:
                 self._join(joiners)
@@ -348,6 +369,8 @@ class BatchedEngine:
                 s.out.fail(exc)
             return
         dt = time.perf_counter() - t0
+        self.counters["joins"] += 1
+        self.counters["max_join_rows"] = max(self.counters["max_join_rows"], len(joiners))
         for s in joiners:
             s.timings.queue_s, s.timings.prefill_s = t0 - s.submitted, dt
             s.timings.talker_s = s.timings.predictor_s = 0.0
