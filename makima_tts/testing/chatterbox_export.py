@@ -422,7 +422,11 @@ def build_chatterbox_export(out: Path, tiny: bool = True, dtypes: Iterable[str] 
     geo = _geometry(tiny)
     t3 = _t3(geo, seed)
     embed, lm, enc, dec = _modules(t3, geo, seed)
-    torch.save({"t3": t3.state_dict(), "enc": enc.state_dict(), "dec": dec.state_dict(), "geo": geo,
+    from .chatterbox_speech import DERIVED
+
+    # the speech encoder's weights without its derived constants (DFT kernels, mel banks: rebuilt the same)
+    weights = {k: v for k, v in enc.state_dict().items() if not k.startswith(DERIVED)}
+    torch.save({"t3": t3.state_dict(), "enc": weights, "dec": dec.state_dict(), "geo": geo,
                 "seed": seed}, out / "reference.pt")
     onnx_dir = out / "onnx"
     D, H, L = geo["n_embd"], geo["n_head"], geo["n_layer"]
@@ -502,12 +506,15 @@ class Reference:
     def __init__(self, export: Path):
         import torch
 
+        from .chatterbox_speech import DERIVED
+
         state = torch.load(Path(export) / "reference.pt", weights_only=False)
         self.geo = state["geo"]
         self.t3 = _t3(self.geo, state["seed"])
         self.t3.load_state_dict(state["t3"])
         _, _, self.enc, self.dec = _modules(self.t3, self.geo, state["seed"])
-        self.enc.load_state_dict(state["enc"])
+        missing, unexpected = self.enc.load_state_dict(state["enc"], strict=False)
+        assert not unexpected and all(k.startswith(DERIVED) for k in missing), (missing, unexpected)
         self.dec.load_state_dict(state["dec"])
         from tokenizers import Tokenizer
 

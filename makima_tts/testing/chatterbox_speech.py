@@ -226,6 +226,8 @@ def _modules():
 
 
 FRONT_ENDS = ("resample", "s3_mel", "voice_mel", "fbank", "s3gen_mel")
+# the speech encoder's buffers that are constants of its construction, not weights (state_dict key prefixes)
+DERIVED = tuple(f + "." for f in FRONT_ENDS) + ("rotary", "powers")
 # the speech encoder's nodes a float16 variant keeps in float32: the signal front ends (their STFT power sums
 # overflow float16) and the S3 tokenizer (its FSQ rounding turns float16 noise into other tokens); by the
 # ONNX exporter's node names ("/module/Op", "/module_1/Op" for a second call)
