@@ -45,8 +45,9 @@ from .types import AudioChunk, CancelToken, GenerationSettings, GenerationStats,
 
 # With several rows, each row's codes are decoded every DECODE_EVERY frames (and at its chunk ends),
 # all due rows in one codec call: the codec is most of the work at 8 streams, and one call over B rows
-# costs far less than B calls (bench/codec.py). Alone, a row decodes whole chunks (the cheapest).
-DECODE_EVERY = 2
+# costs far less than B calls (bench/codec.py); 4 frames a call cost 8-24 % less codec time per frame
+# than 2 at 8 streams here (bench/RESULTS.md). Alone, a row decodes whole chunks (the cheapest).
+DECODE_EVERY = 4
 
 
 @dataclass(eq=False)
