@@ -39,6 +39,7 @@ def pct(xs, q):
 def run_streams(target, voice, n, frames, first_chunk, decode):
     from makima_tts.engine.types import GenerationSettings, GenerationStats, SamplingParams
 
+    first_chunk = first_chunk if first_chunk is not None else GenerationSettings().first_chunk_frames
     results = [None] * n
     errors = []
     start = threading.Barrier(n + 1)
@@ -97,7 +98,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny test checkpoint (a smoke run)")
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--first-chunk-frames", type=int, default=2)
+    ap.add_argument("--first-chunk-frames", type=int, default=None,
+                    help="frames in a stream's first chunk (default: the engine's, GenerationSettings)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", nargs="?", const="int8", default="auto",
                     help="auto (the default path) | none | int8 | int8-dynamic (bare --quantize: int8)")

@@ -124,13 +124,20 @@ def main() -> None:
     ap.add_argument("--quantize", default="auto",
                     help="comma list: auto (the default path), none (a sanity check), int8, int8-dynamic")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-rows", type=int, default=None,
+                    help="quantized linears take the prefill path (dequantized weights, a float or, on AMX, "
+                         "bfloat16 matrix product) above this many rows (default quant.PREFILL_ROWS); "
+                         "a small value puts every prompt on it, to measure its agreement")
     args = ap.parse_args()
 
     import torch
 
+    from makima_tts.engine import quant
     from makima_tts.engine.qwen3 import Qwen3Engine
 
     torch.set_num_threads(args.threads)
+    if args.prefill_rows is not None:
+        quant.PREFILL_ROWS = args.prefill_rows
     args.checkpoint = checkpoint(args)
     engine = Qwen3Engine.load(args.checkpoint, quantize="none")          # the float32 reference
     voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
@@ -138,7 +145,8 @@ def main() -> None:
     del engine
     gc.collect()
     results: dict = {"settings": dict(checkpoint=args.checkpoint, frames=args.frames, threads=args.threads,
-                                      texts=len(TEXTS))}
+                                      texts=len(TEXTS), prefill_rows=quant.PREFILL_ROWS,
+                                      prefill_bf16=quant.PREFILL_BF16)}
     for q in [x.strip() for x in args.quantize.split(",") if x.strip()]:
         engine = Qwen3Engine.load(args.checkpoint, quantize=q)
         rows = compare(ref, run(engine, voice, args.frames))
