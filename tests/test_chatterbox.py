@@ -22,16 +22,24 @@ CHUNK_SNR_DB = 30.0
 # Our decode (the ONNX graph) against the package's own S3Token2Wav.inference on the same weights: float
 # rounding only (measured 9e-8 at a peak of 0.064).
 EXPORT_BOUND = 1e-5
-# A voice cloned by our engine (the speech_encoder graph: the package's voice encoder, S3 tokenizer, CAMPPlus and
-# mel front ends, random weights) against the package's own ChatterboxTurboTTS.prepare_conditionals on the same
-# weights and clip (T3's 16 kHz clip resampled as the graph does, see Reference.conditionals), 6, 12.3 and 16.5 s
-# clips: both prompt token sequences identical; T3's conditioning embeddings within 1.8e-7 (values up to 0.70),
-# the x-vector within 8.4e-9 (values up to 0.024), the log-mel features within 3.7e-5 (values -5.1 to 2.0; the
-# STFT as convolutions). With the package's own soxr resampling of T3's clip, its voice-encoder row moves by
-# 3.4e-5 and 69-73 % of T3's prompt tokens stay the same (random tokenizer weights round differently).
+# A voice cloned by our engine (the clip normalised to -27 LUFS, then the speech_encoder graph: the package's voice
+# encoder, S3 tokenizer, CAMPPlus and mel front ends, random weights) against the package's own
+# ChatterboxTurboTTS.prepare_conditionals with its default loudness normalisation, on the same weights and clip
+# (T3's 16 kHz clip resampled as the graph does, see Reference.conditionals), 6, 12.3 and 16.5 s clips (gains
+# -13.1 to -13.2 dB): both prompt token sequences identical; T3's conditioning embeddings within 1.8e-7 (values up
+# to 0.70), the x-vector within 2.1e-8 (values up to 0.024), the log-mel features within 4.0e-5 (values -5.1 to
+# 2.0; the STFT as convolutions). (Both without normalisation: 1.8e-7, 8.4e-9, 3.7e-5.) With the package's own
+# soxr resampling of T3's clip, its voice-encoder row moves by 3.4e-5 and 69-73 % of T3's prompt tokens stay the
+# same (random tokenizer weights round differently).
 COND_BOUND = 1e-5
 XVECTOR_BOUND = 1e-6
 FEATURES_BOUND = 5e-4
+# The same 6 s clip at x0.01, x0.1 and x1.5 against x1, each cloned by our engine: prompt tokens identical,
+# conditioning within 6.0e-8, x-vector within 8.4e-9, features within 1.3e-5; ours at x1 against the package's at
+# x0.1: 1.2e-7, 1.1e-8, 3.4e-5 (the package's own prepare_conditionals on x0.1, x0.01, x1.5 against x1: 6.7e-8,
+# 5.6e-9, 5.2e-6, tokens identical). Without the normalisation (the package with norm_loudness=False; the engine
+# before it) x0.1 against x1 moves the conditioning by 1.04, the features by 2.30 (log(10), as expected of a log
+# mel) and changes the prompt tokens. Bounded by the parity bounds.
 
 
 def greedy(max_frames: int = 40, **kw) -> GenerationSettings:
@@ -99,16 +107,18 @@ def test_other_folders_are_not_the_layout(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize("seconds,seed", [(6.0, 0), (12.3, 1), (16.5, 2)])
 def test_a_cloned_voice_has_the_reference_packages_conditionals(cb_engine, cb_reference, seconds, seed):
-    """create_voice_prompt (the speech_encoder graph) against the package's own prepare_conditionals on the same
-    weights and clip (the engine keeps the first 15 s, so the package gets those): 6 s, 12.3 s (S3Gen's
-    reference cut at 10 s; not a whole number of 40 ms tokens) and 16.5 s (T3's prompt at its 375 tokens)."""
+    """create_voice_prompt (loudness normalisation, then the speech_encoder graph) against the package's own
+    prepare_conditionals, with its default loudness normalisation, on the same weights and clip (the engine keeps
+    the first 15 s, so the package gets those): 6 s, 12.3 s (S3Gen's reference cut at 10 s; not a whole number
+    of 40 ms tokens) and 16.5 s (T3's prompt at its 375 tokens)."""
     import torch
 
     from makima_tts.testing.clips import reference_clip
 
     clip = reference_clip(seconds, seed=seed)
     voice = cb_engine.create_voice_prompt(clip, 24000)
-    conds = cb_reference.conditionals(clip[:15 * 24000])
+    conds = cb_reference.conditionals(clip[:15 * 24000])           # norm_loudness=True, the package's default
+    assert -14.0 < voice.meta["loudness_gain_db"] < -12.0           # the clip is louder than -27 LUFS
     with torch.no_grad():
         cond_emb = cb_reference.t3.prepare_conditioning(conds.t3).numpy()
     ours = voice.tensors["cond_emb"].numpy()
@@ -126,6 +136,83 @@ def test_a_cloned_voice_has_the_reference_packages_conditionals(cb_engine, cb_re
     assert soxr.gen["prompt_token"].tolist() == gen["prompt_token"].tolist()
     assert torch.equal(soxr.gen["embedding"], gen["embedding"])
     assert not torch.equal(soxr.t3.speaker_emb, conds.t3.speaker_emb)
+
+
+def _max_differences(a, b) -> dict:
+    """The largest differences of two voices' conditionals (a, b: VoicePrompt, or the package's Conditionals
+    with T3's conditioning embeddings already computed, as a tuple (cond_emb, Conditionals))."""
+    def parts(v):
+        if isinstance(v, VoicePrompt):
+            return (v.tensors["cond_emb"].numpy(), v.tensors["prompt_token"].numpy(), v.speaker_embedding.numpy(),
+                    v.tensors["speaker_features"].numpy())
+        cond_emb, conds = v
+        return cond_emb, conds.gen["prompt_token"].numpy(), conds.gen["embedding"].numpy(), \
+            conds.gen["prompt_feat"].numpy()
+
+    (ca, ta, xa, fa), (cb, tb, xb, fb) = parts(a), parts(b)
+    return {"cond": float(np.max(np.abs(ca - cb))), "tokens_equal": ta.tolist() == tb.tolist(),
+            "xvector": float(np.max(np.abs(xa - xb))), "features": float(np.max(np.abs(fa - fb)))}
+
+
+def _within_parity_bounds(d: dict) -> bool:
+    return d["tokens_equal"] and d["cond"] < COND_BOUND and d["xvector"] < XVECTOR_BOUND and \
+        d["features"] < FEATURES_BOUND
+
+
+def test_a_clip_cloned_at_another_level_gives_the_same_voice(cb_engine, cb_reference, cb_clip, monkeypatch):
+    """The clip's loudness is normalised (-27 LUFS) before the speech encoder, as the package's prepare_conditionals
+    does: the same clip recorded 20 or 40 dB quieter, or 3.5 dB louder, gives the same voice, and the package's
+    voice for the quiet clip is ours for the original. Without the normalisation it would not be."""
+    import torch
+
+    from makima_tts.engine import chatterbox
+
+    voices = {k: cb_engine.create_voice_prompt(cb_clip * np.float32(k), 24000) for k in (1.0, 0.1, 0.01, 1.5)}
+    for k in (0.1, 0.01, 1.5):
+        assert _within_parity_bounds(_max_differences(voices[k], voices[1.0])), k
+        assert voices[k].meta["loudness_gain_db"] == pytest.approx(voices[1.0].meta["loudness_gain_db"]
+                                                                   - 20 * math.log10(k), abs=0.02)
+    def package(k):
+        conds = cb_reference.conditionals(cb_clip * np.float32(k))
+        with torch.no_grad():
+            return cb_reference.t3.prepare_conditioning(conds.t3).numpy(), conds
+
+    quiet = package(0.1)
+    assert _within_parity_bounds(_max_differences(voices[1.0], quiet))
+    assert _within_parity_bounds(_max_differences(package(1.0), quiet))       # as the package's own
+    # the engine without its normalisation: the quiet clip is another voice (far outside the bounds; the log mel
+    # features 20 dB, log(10), lower)
+    monkeypatch.setattr(chatterbox, "loudness_gain", lambda wav, *a, **kw: 1.0)
+    bare = _max_differences(cb_engine.create_voice_prompt(cb_clip * np.float32(0.1), 24000),
+                            cb_engine.create_voice_prompt(cb_clip, 24000))
+    assert bare["cond"] > 0.1 and bare["features"] > 2.0 and not bare["tokens_equal"]
+
+
+def test_a_silent_or_unmeasurable_clip_is_kept_as_it_is(cb_engine, cb_reference, cb_clip):
+    """Where the loudness is -inf (silence, or every 400 ms block under BS.1770's -70 LUFS gate) the gain would be
+    infinite: the clip goes to the speech encoder unchanged, as the package's norm_loudness keeps it; no NaNs."""
+    from makima_tts.engine.chatterbox import TARGET_LUFS, loudness_gain, normalise_loudness
+
+    package = cb_reference.package_tts()
+    silence = np.zeros(6 * 24000, dtype=np.float32)
+    under_gate = cb_clip * np.float32(1e-5)                  # about -114 LUFS
+    short = cb_clip[:4000]                                   # shorter than the meter's 400 ms block
+    for clip in (silence, under_gate, short):
+        assert loudness_gain(clip) == 1.0 and normalise_loudness(clip) is clip
+        assert np.array_equal(package.norm_loudness(clip.copy(), 24000), clip)
+    voice = cb_engine.create_voice_prompt(silence, 24000)
+    assert voice.meta["loudness_gain_db"] == 0.0
+    tensors = [voice.speaker_embedding, voice.tensors["cond_emb"], voice.tensors["speaker_features"]]
+    assert all(np.all(np.isfinite(t.numpy())) for t in tensors)
+    direct = cb_engine.graphs["speech_encoder"].run({"audio_values": silence[None, :]})
+    assert np.array_equal(voice.tensors["cond_emb"].numpy(), direct[0])
+    # a measurable clip: the package's own gain, and the target reached
+    import pyloudnorm
+
+    assert loudness_gain(cb_clip) == pytest.approx(
+        float(np.max(np.abs(package.norm_loudness(cb_clip.copy(), 24000)))) / float(np.max(np.abs(cb_clip))), rel=1e-6)
+    assert pyloudnorm.Meter(24000).integrated_loudness(normalise_loudness(cb_clip)) == pytest.approx(TARGET_LUFS,
+                                                                                                   abs=1e-3)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -210,8 +297,18 @@ def test_graph_variants_load_and_speak(chatterbox_export, cb_clip, dtype, cb_eng
     voice = engine.create_voice_prompt(cb_clip, 24000)
     pcm = np.concatenate([c.pcm for c in engine.stream(TEXTS[0], voice, "en", greedy(20))])
     assert len(pcm) == (20 + TAIL_SILENCE) * TOKEN_SAMPLES and np.all(np.isfinite(pcm))
-    if dtype == "fp16":    # half precision keeps the greedy tokens on this model
-        assert list(engine.speech_tokens(TEXTS[0], voice, greedy(20))) == \
+    if dtype == "fp16":
+        # half precision keeps the greedy tokens on this model, from the same conditionals. Its speech encoder's
+        # x-vector and features stay close (measured 2.4e-5 and 0.0097 on the -27 LUFS clip), but its tiny
+        # random-weight S3 tokenizer rounds some prompt tokens otherwise at some levels (it does at -27 LUFS; it
+        # did not on this clip unnormalised), and other prompt tokens give other greedy tokens.
+        import dataclasses
+
+        assert np.max(np.abs(voice.speaker_embedding.numpy() - cb_voice.speaker_embedding.numpy())) < 1e-4
+        assert np.max(np.abs(voice.tensors["speaker_features"].numpy() -
+                             cb_voice.tensors["speaker_features"].numpy())) < 0.05
+        same = dataclasses.replace(cb_voice, fingerprint=engine.fingerprint)
+        assert list(engine.speech_tokens(TEXTS[0], same, greedy(20))) == \
             list(cb_engine.speech_tokens(TEXTS[0], cb_voice, greedy(20)))
     with pytest.raises(VoiceNotFound):      # a voice prepared with another export's graphs
         list(engine.stream(TEXTS[0], cb_voice, "en", greedy(5)))

@@ -25,12 +25,27 @@ after them are known (S3Gen's encoder looks 3 tokens ahead and attends across th
 CROSSFADE_SAMPLES. How the chunked waveform differs from decoding all tokens at once is measured in
 tests/test_chatterbox.py (see CHUNK_BOUND there).
 
-English only; voices are cloned from a clip (no transcript needed). Needs `onnxruntime` and `tokenizers`
-(the `chatterbox` extra).
+Voice cloning (create_voice_prompt): the clip, mono at 24 kHz, its first MAX_REF_SECONDS kept, is normalised
+to TARGET_LUFS (-27 LUFS integrated loudness, ITU-R BS.1770-4 as pyloudnorm measures it at 24 kHz) before the
+speech encoder, as the reference package's `ChatterboxTurboTTS.prepare_conditionals` does by default
+(`norm_loudness=True`, same library, same target, same 24 kHz clip), so a clip recorded quietly or loudly
+gives the same voice. Where the gain is not a finite positive number the clip is kept as it is, as the package
+does: a silent clip, or one whose every 400 ms block is below BS.1770's -70 LUFS gate, measures -inf (its gain
+would be infinite). The package measures the whole clip it is given; the engine measures the part it uses
+(the first 15 s), the same for clips up to 15 s. The ONNX example in the export's model card
+(ResembleAI/chatterbox-turbo-ONNX) feeds `librosa.load(path, sr=24000)` to the speech encoder without
+normalising (so do ports of it, and transformers.js' ChatterboxFeatureExtractor passes the samples unchanged);
+normalising is idempotent (a clip already at -27 LUFS gets a gain of 1 to float rounding), so it is harmless
+should a graph normalise again. See `loudness_gain`. How a clip is prepared (VOICE_PREP) is part of the
+fingerprint, so voice prompts saved before this normalisation are computed again, not loaded.
+
+English only; voices are cloned from a clip (no transcript needed). Needs `onnxruntime`, `tokenizers` and
+`pyloudnorm` (the `chatterbox` extra).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -48,7 +63,8 @@ from ..text import split_sentences
 from .types import LANGUAGES, AudioChunk, CancelToken, GenerationSettings, GenerationStats, SamplingParams, \
     VoiceInfo, VoicePrompt
 
-__all__ = ["ChatterboxEngine", "is_chatterbox_export", "DTYPES", "GRAPHS"]
+__all__ = ["ChatterboxEngine", "is_chatterbox_export", "loudness_gain", "normalise_loudness", "DTYPES", "GRAPHS",
+           "TARGET_LUFS"]
 
 SAMPLE_RATE = 24000
 TOKEN_SAMPLES = 960                 # 25 speech tokens per second
@@ -60,6 +76,7 @@ TAIL_SILENCE = 3                    # silence tokens after the last one, as the 
 GRAPHS = ("speech_encoder", "embed_tokens", "language_model", "conditional_decoder")
 DTYPES = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
 MAX_REF_SECONDS = 15.0              # the reference uses at most 15 s of the clip
+TARGET_LUFS = -27.0                 # the reference's norm_loudness target for the clip
 MAX_SENTENCE_CHARS = 300
 MAX_NEW_TOKENS = 1000               # the reference's max_gen_len
 # streaming windows (in speech tokens, 40 ms each)
@@ -74,6 +91,31 @@ _HINT = "Chatterbox-Turbo speaks English only; for other languages run the Qwen3
 DEFAULTS = GenerationSettings(
     talker=SamplingParams(do_sample=True, temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2),
     predictor=SamplingParams(), first_chunk_frames=8, chunk_frames=24)
+
+
+def loudness_gain(wav: np.ndarray, sample_rate: int = SAMPLE_RATE, target_lufs: float = TARGET_LUFS) -> float:
+    """The linear gain that brings a mono float clip to `target_lufs` integrated loudness, as the reference
+    package's `ChatterboxTurboTTS.norm_loudness` computes it (pyloudnorm's BS.1770-4 meter at the clip's rate,
+    10 ** ((target - loudness) / 20)); 1.0, the clip kept as it is as there, where that gain is not a finite
+    positive number (a silent clip, or one below the -70 LUFS absolute gate throughout, measures -inf) or the
+    meter cannot measure the clip (shorter than its 400 ms block)."""
+    import pyloudnorm
+
+    try:
+        loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(wav)
+        gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    except (ValueError, OverflowError):
+        return 1.0
+    return gain if math.isfinite(gain) and gain > 0.0 else 1.0
+
+
+def normalise_loudness(wav: np.ndarray, sample_rate: int = SAMPLE_RATE,
+                       target_lufs: float = TARGET_LUFS) -> np.ndarray:
+    """The clip times loudness_gain, the package's `wav * gain_linear` in float32 (as NumPy 1, which the package
+    requires on Python < 3.13, computes a float32 clip times a float64 scalar); the same array where the gain is
+    1.0. Not limited: a loud peak may end above 1.0, as in the package."""
+    gain = loudness_gain(wav, sample_rate, target_lufs)
+    return wav if gain == 1.0 else wav * np.float32(gain)
 
 
 def _onnx_dir(folder: Path) -> Path:
@@ -117,9 +159,16 @@ def _graph_path(folder: Path, name: str, dtype: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+# how create_voice_prompt prepares a clip, part of the fingerprint: voice prompts saved by an engine that
+# prepared clips otherwise (before the loudness normalisation) are computed again, not loaded
+VOICE_PREP = b"reference clip: 24 kHz, first 15 s, -27 LUFS (pyloudnorm)"
+
+
 def _fingerprint(paths: list[Path], tokenizer: Path) -> str:
-    """A short id of the export's graphs and tokenizer: each graph file, and its weights' size and samples."""
+    """A short id of the export's graphs and tokenizer (each graph file, and its weights' size and samples) and
+    of how a clip becomes a voice (VOICE_PREP)."""
     h = hashlib.sha256(tokenizer.read_bytes())
+    h.update(VOICE_PREP)
     for path in paths:
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -194,9 +243,10 @@ class ChatterboxEngine:
         t0 = time.perf_counter()
         try:
             import onnxruntime as ort
+            import pyloudnorm  # noqa: F401  (create_voice_prompt's loudness normalisation)
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise EngineUnavailable(f"the Chatterbox engine needs onnxruntime and tokenizers ({e}): "
+            raise EngineUnavailable(f"the Chatterbox engine needs onnxruntime, tokenizers and pyloudnorm ({e}): "
                                     "pip install 'makima-tts[chatterbox]'") from e
         if dtype != "auto" and dtype not in DTYPES:
             raise CheckpointError(f"unknown Chatterbox dtype {dtype!r}; use auto or one of: {', '.join(DTYPES)}")
@@ -244,18 +294,25 @@ class ChatterboxEngine:
 
     def create_voice_prompt(self, audio: np.ndarray, sample_rate: int, transcript: Optional[str] = None,
                             x_vector_only: bool = False) -> VoicePrompt:
-        """A reference clip -> the speech encoder's conditionals, as a VoicePrompt (no transcript needed)."""
+        """A reference clip -> the speech encoder's conditionals, as a VoicePrompt (no transcript needed). The clip
+        (at 24 kHz, its first MAX_REF_SECONDS) is normalised to TARGET_LUFS first, as the reference package does
+        (see loudness_gain and the module docstring); the gain applied is in meta["loudness_gain_db"]
+        (0.0 where the clip was kept as it is, e.g. silence)."""
         if x_vector_only:
             raise CloningUnsupported("the Chatterbox engine has no x-vector-only mode: it clones from the clip "
                                      "itself; add the voice without x_vector_only (a transcript is not needed)")
         wav = prepare_reference(audio, sample_rate, SAMPLE_RATE)[:int(MAX_REF_SECONDS * SAMPLE_RATE)]
+        gain = loudness_gain(wav)
+        if gain != 1.0:
+            wav = wav * np.float32(gain)             # normalise_loudness, the gain measured once
         import torch
 
         cond_emb, prompt_token, spk_emb, spk_feat = self.graphs["speech_encoder"].run(
             {"audio_values": wav[None, :]})[:4]
         return VoicePrompt(speaker_embedding=torch.from_numpy(np.ascontiguousarray(spk_emb, dtype=np.float32)),
                            ref_text=transcript, fingerprint=self.fingerprint,
-                           meta={"engine": self.name, "ref_seconds": round(len(wav) / SAMPLE_RATE, 3)},
+                           meta={"engine": self.name, "ref_seconds": round(len(wav) / SAMPLE_RATE, 3),
+                                 "loudness_gain_db": round(20.0 * math.log10(gain), 2)},
                            tensors={"cond_emb": torch.from_numpy(np.ascontiguousarray(cond_emb)),
                                     "prompt_token": torch.from_numpy(np.ascontiguousarray(prompt_token, np.int64)),
                                     "speaker_features": torch.from_numpy(np.ascontiguousarray(spk_feat))})

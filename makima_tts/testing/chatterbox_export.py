@@ -28,7 +28,8 @@ What is real and what stands in:
   x-vector and the 80-bin mel of the first 10 s). Random weights, tiny: the LSTM 64 wide, one tokenizer block,
   CAMPPlus growth 8; --full: the package's sizes. The 16 kHz resampling is torchaudio's sinc resampler
   throughout (the package uses soxr for T3's clip; see chatterbox_speech). `Reference.conditionals()` runs the
-  package's own prepare_conditionals on the same weights.
+  package's own prepare_conditionals on the same weights (with its loudness normalisation, which the engine
+  does before the graph).
 * The tokenizer is a byte-level BPE (GPT-2's scheme) trained on a few sentences. This builder's tokenizer.json
   and embed_tokens are a pair of its own: text ids offset by the speech vocabulary (6563), START_SPEECH (6561)
   appended by the tokenizer, so the first step's embeddings are the package's (conditioning, text,
@@ -500,6 +501,19 @@ def _sinc_resampling():
         librosa.resample = saved
 
 
+@contextlib.contextmanager
+def _float32_norm_loudness(tts):
+    """The package's norm_loudness with a float32 result, as under NumPy 1, which the package requires on Python
+    < 3.13: there a float32 clip times its float64 gain stays float32; under NumPy 2 it becomes float64 and the
+    package's soxr path then fails in S3Tokenizer's float32 mel filters ("expected scalar type Double")."""
+    method = type(tts).norm_loudness
+    tts.norm_loudness = lambda wav, sr, *a, **kw: np.asarray(method(tts, wav, sr, *a, **kw), dtype=np.float32)
+    try:
+        yield
+    finally:
+        del tts.norm_loudness
+
+
 class Reference:
     """The reference package's modules on an export's weights (reference.pt): for parity tests."""
 
@@ -541,10 +555,12 @@ class Reference:
             self._tts = tts
         return self._tts
 
-    def conditionals(self, audio_24k: np.ndarray, package_resampler: bool = False):
-        """The package's own `prepare_conditionals` for a 24 kHz clip (over 5 s, as it requires), without its
-        loudness normalisation: its Conditionals (.t3: T3Cond, .gen: S3Gen's ref_dict). package_resampler=False
-        resamples T3's clip with torchaudio's sinc resampler, as the graph does, instead of librosa's soxr."""
+    def conditionals(self, audio_24k: np.ndarray, package_resampler: bool = False, norm_loudness: bool = True):
+        """The package's own `prepare_conditionals` for a 24 kHz clip (over 5 s, as it requires), with its
+        loudness normalisation (-27 LUFS, pyloudnorm) unless norm_loudness=False, as the engine's
+        create_voice_prompt normalises before the graph: its Conditionals (.t3: T3Cond, .gen: S3Gen's ref_dict).
+        package_resampler=False resamples T3's clip with torchaudio's sinc resampler, as the graph does, instead
+        of librosa's soxr."""
         import contextlib
         import io
         import tempfile
@@ -557,8 +573,9 @@ class Reference:
             path = Path(tmp) / "ref.wav"
             sf.write(str(path), np.asarray(audio_24k, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
             with torch.no_grad(), (contextlib.nullcontext() if package_resampler else _sinc_resampling()), \
-                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                tts.prepare_conditionals(str(path), exaggeration=0.0, norm_loudness=False)
+                    _float32_norm_loudness(tts), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                tts.prepare_conditionals(str(path), exaggeration=0.0, norm_loudness=norm_loudness)
         conds, tts.conds = tts.conds, None
         return conds
 

@@ -22,8 +22,9 @@ What differs from the package, and why:
   graph resamples both with torchaudio's sinc kernel (as the official export's conversion script does).
   `Reference.conditionals(..., package_resampler=True)` shows the difference that makes.
 * The STFTs and the FFT run as convolutions and matrix products (the same sums; float rounding only).
-* Loudness normalisation (prepare_conditionals' pyloudnorm step, -27 LUFS) is Python outside any graph;
-  the reference is compared with norm_loudness=False.
+* Loudness normalisation (prepare_conditionals' pyloudnorm step, -27 LUFS) is Python outside any graph, as
+  in the official export: the engine's create_voice_prompt normalises the clip before running the graph
+  (makima_tts.engine.chatterbox.loudness_gain), and the reference runs prepare_conditionals with it.
 """
 from __future__ import annotations
 
