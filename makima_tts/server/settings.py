@@ -116,9 +116,10 @@ def _chatterbox_layout(checkpoint: str) -> bool:
         return False
 
 
-# bench/load.py on a 2-core Xeon (bench/RESULTS.md, 2026-11-29): the real-time capacity (streams with no
-# gap over 100 ms to a listener) is 0 there, as one stream is already slower than real time; 2 streams keep
-# first audio under 2 s while batching raises the aggregate (0.27 -> 0.42 audio s per s). Re-measure on a
-# machine that runs faster than real time and put its capacity here.
-CPU_STREAMS_PER_2_THREADS = 2
+# bench/load.py on a 2-core Xeon (bench/RESULTS.md, 2026-11-29, fourth session): the real-time capacity
+# (streams with no gap over 100 ms to a listener) is 0 there, as one stream is already slower than real time.
+# 4 streams at once keep first audio at 1.3 s (2: 1.0 s, 8: 2.1 s) and raise the aggregate to 0.84 audio s
+# per s (2: 0.54), where with 2 slots the 3rd and 4th stream would queue behind whole utterances. Re-measure
+# on a machine that runs faster than real time and put its capacity here.
+CPU_STREAMS_PER_2_THREADS = 4
 
