@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
@@ -167,23 +168,29 @@ class BatchedEngine:
     def _request(self, text, voice, language, settings, cancel) -> _Stream:
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        planning = isinstance(text, str)         # a TextFeed may wait long for its text: not gathered
-        if planning:
-            with self._cond:
-                self._planning += 1
-        try:
-            row = self.engine.plan(text, voice, language, settings, cancel)
-        finally:
-            if planning:
-                with self._cond:
-                    self._planning -= 1
-                    self._cond.notify_all()
+        row = self.engine.plan(text, voice, language, settings, cancel)
         if row is None:                          # cancelled while waiting for its text
             return None
         s = _Stream(**{f.name: getattr(row, f.name) for f in fields(Row)}, cancel=cancel, out=Channel(cancel=cancel))
         if s.feed is not None:
             s.feed.listen(self._poke)            # the scheduler waits for text as a row runs dry
         return s
+
+    @contextmanager
+    def _setting_up(self, text):
+        """While a stream is set up (planned, its decoder made, submitted) on its caller's thread, a
+        scheduler with nothing running gathers (see gather_s). A TextFeed may wait long for its text: not counted."""
+        counted = isinstance(text, str)
+        if counted:
+            with self._cond:
+                self._planning += 1
+        try:
+            yield
+        finally:
+            if counted:
+                with self._cond:
+                    self._planning -= 1
+                    self._cond.notify_all()
 
     def _poke(self) -> None:
         """Text arrived, a consumer left or a stream was cancelled: wake the scheduler."""
@@ -207,10 +214,11 @@ class BatchedEngine:
                stats: Optional[GenerationStats] = None) -> Iterator[torch.Tensor]:
         """Codec frames (16,) int64 as the scheduler makes them (like Qwen3Engine.frames)."""
         settings = settings or self.engine.defaults
-        s = self._request(text, voice, language, settings, cancel)
-        if s is None:
-            return
-        self._submit(s)
+        with self._setting_up(text):
+            s = self._request(text, voice, language, settings, cancel)
+            if s is None:
+                return
+            self._submit(s)
         yield from self._deliver(s, stats)
 
     def stream(self, text: str, voice: Optional[VoicePrompt] = None, language: str = "auto",
@@ -223,11 +231,12 @@ class BatchedEngine:
         t_start = time.perf_counter()
         if voice is None:
             raise VoiceNotFound("the Qwen3-TTS Base model needs a voice: clone one from a 3-10 s clip and its transcript")
-        s = self._request(text, voice, language, settings, cancel)
-        if s is None:
-            return
-        s.cutter = ChunkCutter(self.engine._streaming_decoder(voice), settings, stats, t_start)
-        self._submit(s)
+        with self._setting_up(text):
+            s = self._request(text, voice, language, settings, cancel)
+            if s is None:
+                return
+            s.cutter = ChunkCutter(self.engine._streaming_decoder(voice), settings, stats, t_start)
+            self._submit(s)
         try:
             yield from self._deliver(s, stats)
         finally:
