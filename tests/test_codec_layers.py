@@ -27,6 +27,7 @@ def test_transposed_conv_equals_torchs(c_in, c_out, k, stride):
     w, b = torch.randn(c_in, c_out, k, dtype=torch.float64), torch.randn(c_out, dtype=torch.float64)
     slots = _Slots()
     layer = _CausalTransposedConv(Weights({"conv.weight": w, "conv.bias": b}, "test"), slots, stride)
+    codec._cast(layer, torch.float64)           # what Codec.load does to its decoder: the polyphase weights
     x = torch.randn(2, c_in, 9, dtype=torch.float64)
     ctx = (k - 1) // stride                     # the causal decoder: zero context, the right tail trimmed
     full = F.conv_transpose1d(F.pad(x, (ctx, 0)), w, b, stride=stride)[..., ctx * stride:(ctx + 9) * stride]

@@ -388,14 +388,12 @@ class _CausalConv:
     """Stride-1 causal conv1d; its left context comes from the state instead of zero padding."""
 
     def __init__(self, w: Weights, slots: _Slots, dilation: int = 1, groups: int = 1):
-        weight, self.bias = w["conv.weight"], w.opt("conv.bias")           # (C_out, C_in/groups, K)
-        c_out, c_group, self.k = weight.shape
+        self.weight, self.bias = w["conv.weight"], w.opt("conv.bias")      # (C_out, C_in/groups, K)
+        c_group, self.k = self.weight.shape[1:]
         self.dilation, self.groups = dilation, groups
         self.context = (self.k - 1) * dilation
         c_in = c_group * groups
         self.as_matmul = groups == 1 and c_in >= MATMUL_MIN_CHANNELS
-        # as a matrix product: [c_out, t * C_in + c] = W[c_out, c, t], tap t of each window
-        self.weight = weight.permute(0, 2, 1).reshape(c_out, self.k * c_in).contiguous() if self.as_matmul else weight
         self.slot = slots.take(c_in, self.context) if self.context else -1
 
     def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n)
@@ -409,39 +407,52 @@ class _CausalConv:
         windows = x.unfold(2, self.context + 1, 1)                         # (B, C_in, n, context + 1)
         if self.dilation > 1:
             windows = windows[..., ::self.dilation]
-        windows = windows.permute(0, 2, 3, 1).reshape(b, n, self.k * c_in)
-        return F.linear(windows, self.weight, self.bias).transpose(1, 2).contiguous()
+        # [b, i, c * K + t] = input i - context + t * dilation of channel c: the weight's own layout
+        windows = windows.permute(0, 2, 1, 3).reshape(b, n, c_in * self.k)
+        weight = self.weight.view(self.weight.shape[0], c_in * self.k)
+        return F.linear(windows, weight, self.bias).transpose(1, 2).contiguous()
 
 
 class _CausalTransposedConv:
     """ConvTranspose1d(kernel K, stride S) with the right (K - S) samples trimmed: output block i
     (S samples) depends on inputs i, i-1, ... down to i - (K - 1) // S, taken from the state.
 
-    Computed in polyphase form: block i is one matrix product of the m = ceil(K / S) inputs i - m + 1 .. i
-    (concatenated, m * C_in values) with a (C_out * S, m * C_in) weight, whose row c * S + s gives sample s
-    of channel c. The same products as the transposed convolution, only for the new blocks, and on torch's
+    Computed in polyphase form: block i is one matrix product of the m = ceil(K / S) inputs i, i - 1, ..
+    i - m + 1 (concatenated, m * C_in values) with an (m * C_in, C_out * S) weight, whose column c * S + s
+    gives sample s of channel c. The same products as the transposed convolution, only for the new blocks, and on torch's
     matrix product: its conv_transpose1d (and conv1d, which reorders the weight on every call) took 30-90 ms
     in bfloat16 on the CPU for the 1536 -> 768 upsampler on one frame, the matrix product 3 ms."""
 
     def __init__(self, w: Weights, slots: _Slots, stride: int):
-        weight, bias = w["conv.weight"], w.opt("conv.bias")                  # (C_in, C_out, K)
-        c_in, c_out, k = weight.shape
-        self.stride, self.c_out, self.taps = stride, c_out, -(-k // stride)
-        m = self.taps
-        taps = F.pad(weight, (0, m * stride - k)).view(c_in, c_out, m, stride)   # [.., j, s] = W[.., j * S + s]
-        # [c * S + s, r * C_in + c_in] = W[c_in, c, (m - 1 - r) * S + s]: input i - m + 1 + r of block i
-        self.weight = taps.flip(2).permute(1, 3, 2, 0).reshape(c_out * stride, m * c_in).contiguous()
-        self.bias = None if bias is None else bias.repeat_interleave(stride).contiguous()
-        self.context = m - 1
+        # as stored until the decoder is cast (`_cast` calls `_after_cast`): rearranged once, in its final dtype
+        self.weight, self.bias = w["conv.weight"], w.opt("conv.bias")      # (C_in, C_out, K)
+        c_in, self.c_out, k = self.weight.shape
+        self.stride, self.taps = stride, -(-k // stride)
+        self.polyphase = False
+        self.context = self.taps - 1
         self.slot = slots.take(c_in, self.context) if self.context else -1
 
+    def _after_cast(self) -> None:
+        c_in, c_out, k = self.weight.shape
+        m, stride = self.taps, self.stride
+        w = self.weight if k == m * stride else F.pad(self.weight, (0, m * stride - k))
+        # [j * C_in + c_in, c * S + s] = W[c_in, c, j * S + s]: tap j multiplies input i - j of block i (runs
+        # of S contiguous values are copied: a cheap rearrangement at load)
+        self.weight = w.view(c_in, c_out, m, stride).permute(2, 0, 1, 3).reshape(m * c_in, c_out * stride).contiguous()
+        self.bias = None if self.bias is None else self.bias.repeat_interleave(stride).contiguous()
+        self.polyphase = True
+
     def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n * S)
+        assert self.polyphase, "the decoder was not cast (Codec.load does it)"
         b, c_in, n = x.shape
         if self.context:
             x = torch.cat([state.conv[self.slot], x], dim=-1)
             state.conv[self.slot] = x[..., -self.context:].clone()
-        windows = x.unfold(2, self.taps, 1).permute(0, 2, 3, 1).reshape(b, n, self.taps * c_in)
-        y = F.linear(windows, self.weight, self.bias)                        # (B, n, C_out * S)
+        # [b, i, j * C_in + c] = input i - j of channel c (the window reversed)
+        windows = x.unfold(2, self.taps, 1).flip(3).permute(0, 2, 3, 1).reshape(b, n, self.taps * c_in)
+        y = torch.matmul(windows, self.weight)                               # (B, n, C_out * S)
+        if self.bias is not None:
+            y = y + self.bias
         return y.view(b, n, self.c_out, self.stride).permute(0, 2, 1, 3).reshape(b, self.c_out, n * self.stride)
 
 
@@ -663,6 +674,9 @@ def _cast(obj: object, dtype: torch.dtype) -> None:
         return v
     for name, value in vars(obj).items():
         setattr(obj, name, conv(value))
+    after = getattr(obj, "_after_cast", None)
+    if after is not None:
+        after()
 
 
 def decoder_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
