@@ -110,12 +110,12 @@ def loudness_gain(wav: np.ndarray, sample_rate: int = SAMPLE_RATE, target_lufs: 
 
 
 def normalise_loudness(wav: np.ndarray, sample_rate: int = SAMPLE_RATE,
-                       target_lufs: float = TARGET_LUFS) -> np.ndarray:
-    """The clip times loudness_gain, the package's `wav * gain_linear` in float32 (as NumPy 1, which the package
-    requires on Python < 3.13, computes a float32 clip times a float64 scalar); the same array where the gain is
-    1.0. Not limited: a loud peak may end above 1.0, as in the package."""
+                       target_lufs: float = TARGET_LUFS) -> tuple[np.ndarray, float]:
+    """(the clip times loudness_gain, that gain): the package's `wav * gain_linear` in float32 (as NumPy 1, which
+    the package requires on Python < 3.13, computes a float32 clip times a float64 scalar); the same array where
+    the gain is 1.0. Not limited: a loud peak may end above 1.0, as in the package."""
     gain = loudness_gain(wav, sample_rate, target_lufs)
-    return wav if gain == 1.0 else wav * np.float32(gain)
+    return (wav if gain == 1.0 else wav * np.float32(gain)), gain
 
 
 def _onnx_dir(folder: Path) -> Path:
@@ -302,9 +302,7 @@ class ChatterboxEngine:
             raise CloningUnsupported("the Chatterbox engine has no x-vector-only mode: it clones from the clip "
                                      "itself; add the voice without x_vector_only (a transcript is not needed)")
         wav = prepare_reference(audio, sample_rate, SAMPLE_RATE)[:int(MAX_REF_SECONDS * SAMPLE_RATE)]
-        gain = loudness_gain(wav)
-        if gain != 1.0:
-            wav = wav * np.float32(gain)             # normalise_loudness, the gain measured once
+        wav, gain = normalise_loudness(wav)
         import torch
 
         cond_emb, prompt_token, spk_emb, spk_feat = self.graphs["speech_encoder"].run(
