@@ -281,7 +281,7 @@ class QuantCache:
         self.key = {"format": fmt, "fingerprint": checkpoint_fingerprint,
                     "dtype": str(dtype).replace("torch.", ""), "kernel": KERNEL_VERSION, "hash": "xxh3_64"}
         self.family = f"talker-{checkpoint_fingerprint}-{fmt}-{self.key['dtype']}-"
-        self.path = folder / f"talker-{checkpoint_fingerprint}-{fmt}-{self.key['dtype']}-{KERNEL_VERSION}.safetensors"
+        self.path = folder / f"{self.family}{KERNEL_VERSION}.safetensors"
 
     def load(self) -> Optional[dict]:
         """The cached tensors (memory-mapped), or None when there is no valid file (an invalid one is removed)."""

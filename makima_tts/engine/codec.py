@@ -419,9 +419,10 @@ class _CausalTransposedConv:
 
     Computed in polyphase form: block i is one matrix product of the m = ceil(K / S) inputs i, i - 1, ..
     i - m + 1 (concatenated, m * C_in values) with an (m * C_in, C_out * S) weight, whose column c * S + s
-    gives sample s of channel c. The same products as the transposed convolution, only for the new blocks, and on torch's
-    matrix product: its conv_transpose1d (and conv1d, which reorders the weight on every call) took 30-90 ms
-    in bfloat16 on the CPU for the 1536 -> 768 upsampler on one frame, the matrix product 3 ms."""
+    gives sample s of channel c. The same products as the transposed convolution, only for the new blocks,
+    and on torch's matrix product: its conv_transpose1d (and conv1d, which reorders the weight on every
+    call) took 30-90 ms in bfloat16 on the CPU for the 1536 -> 768 upsampler on one frame, the matrix
+    product 3 ms."""
 
     def __init__(self, w: Weights, slots: _Slots, stride: int):
         # as stored until the decoder is cast (`_cast` calls `_after_cast`): rearranged once, in its final dtype
