@@ -382,12 +382,17 @@ def test_a_burst_of_streams_prefills_together(engine, voice, xvoice, monkeypatch
     want = [solo(engine, t, v, greedy(6)) for t, v in specs]
     be = BatchedEngine(engine, max_batch=4, gather_s=60.0)
     plan, release, first_ready = engine.plan, threading.Event(), threading.Event()
+    others_in = threading.Semaphore(0)
 
     def slow_plan(text, *a, **kw):              # the 2nd and 3rd stream's set-up ends after the 1st's
-        row = plan(text, *a, **kw)
         if text != TEXTS[0]:
+            others_in.release()
+            row = plan(text, *a, **kw)
             release.wait(30)
         else:
+            row = plan(text, *a, **kw)
+            for _ in range(2):                  # ... and both are being set up when the 1st is ready
+                assert others_in.acquire(timeout=30)
             first_ready.set()
         return row
 

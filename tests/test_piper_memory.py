@@ -22,6 +22,34 @@ def test_every_run_shrinks_the_cpu_arena():
     assert len(eng.synthesize_sentence("Hello there.")) > 0   # PiperVoice runs through the wrapper
 
 
+def test_the_last_of_overlapping_runs_sweeps_the_arena(monkeypatch):
+    """Runs that overlapped: the last to leave runs the graph once more on a few phonemes, after the
+    others have let go of their regions, so that run's shrink frees what their shrinks missed."""
+    import threading
+
+    eng = PiperEngine.load("joe", threads=1)
+    session = eng._voice.session
+    lengths, both_in = [], threading.Barrier(2)
+    real = session.inner.run
+
+    def run(names, feed, opts=None):
+        n = int(feed["input_lengths"][0])
+        lengths.append(n)
+        if n > session.SWEEP_PHONEMES:
+            both_in.wait(30)                  # the two sentences' runs overlap
+        return real(names, feed, opts)
+
+    monkeypatch.setattr(session, "inner", type("Inner", (), {"run": staticmethod(run)})())
+    ts = [threading.Thread(target=eng.synthesize_sentence, args=(s,)) for s in ("Hello there.", "Good morning to you.")]
+    [t.start() for t in ts]
+    [t.join(60) for t in ts]
+    assert session.sweeps == 1 and len(lengths) == 3
+    assert lengths[-1] == session.SWEEP_PHONEMES and min(lengths[:2]) > session.SWEEP_PHONEMES
+    both_in = threading.Barrier(1)
+    eng.synthesize_sentence("Alone now.")                   # a lone run: no sweep
+    assert session.sweeps == 1 and len(lengths) == 4
+
+
 CHILD = textwrap.dedent("""
     import json, threading
     from makima_tts.engine.piper import PiperEngine

@@ -160,21 +160,50 @@ class _ArenaReturningSession:
     are reused inside a run, faulted in once per run); short sentences the same within noise.
     Regions still used by a concurrent run are kept; only free ones go.
 
-    PiperVoice calls only `session.run(output_names, feeds)`."""
+    Concurrent runs: a run's shrink keeps the regions that another run still holds, and a run
+    still holds its output tensors for a moment after its own shrink. So when two runs end
+    together, the last shrink can miss a region (with power-of-two growth, up to a whole
+    sentence's ~250 MB: seen once in six pairs of long sentences on a busy machine, until the next
+    run). The last run to leave after an overlap therefore runs the graph once more on the first
+    few phonemes (a few ms), when nothing else holds a region, and that run's shrink frees them.
+
+    PiperVoice calls only `session.run(output_names, feeds)`, feeds as in PiperVoice.phoneme_ids_to_audio."""
+
+    SWEEP_PHONEMES = 4
 
     def __init__(self, session, ort):
         self.inner = session
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry(*_ARENA_SHRINK)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._overlapped = False
+        self.sweeps = 0
 
     def run(self, output_names, input_feed, run_options=None):
+        with self._lock:
+            self._in_flight += 1
+            self._overlapped |= self._in_flight > 1
         try:
             return self.inner.run(output_names, input_feed, run_options or self.run_options)
         finally:
+            with self._lock:
+                self._in_flight -= 1
+                sweep = self._in_flight == 0 and self._overlapped
+                if sweep:
+                    self._overlapped = False
+                    self.sweeps += 1
+            if sweep:
+                self.run(output_names, self._short_feed(input_feed))
             # the blocks under MMAP_THRESHOLD that the run freed in the worker threads' heaps: a CI run
             # under load once kept +122 MB of them after two pairs of long sentences (tests/test_piper_memory.py)
             if _libc is not None:
                 _libc.malloc_trim(0)
+
+    def _short_feed(self, feed):
+        """The feed cut to its first SWEEP_PHONEMES phoneme ids (scales and speaker kept)."""
+        ids = feed["input"][:, :self.SWEEP_PHONEMES]
+        return {**feed, "input": ids, "input_lengths": np.array([ids.shape[1]], dtype=np.int64)}
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
