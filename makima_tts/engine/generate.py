@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .model import Talker
-from .sampling import apply_repetition_penalty, choose
+from .sampling import apply_repetition_penalty, candidates, choose, draw
 from .types import CancelToken, GenerationStats, SamplingParams, VoicePrompt
 
 
@@ -401,23 +401,30 @@ class FrameGenerator:
 
     def _choose_codes(self, logits: torch.Tensor, codes: list, group: int, live: list[bool]) -> torch.Tensor:
         """Each row's code of codebook `group` from its own logits, settings and generator
-        (all-greedy rows without a penalty: one argmax; rows not live draw nothing)."""
+        (all-greedy rows without a penalty: one argmax; rows sampled with the same settings and no
+        penalty: one candidates pass, then a draw each; rows not live draw nothing)."""
         rows = self.rows
         if all(not r.predictor_params.do_sample and r.predictor_params.repetition_penalty == 1.0 for r in rows):
             return logits.float().argmax(dim=-1)
-        out = []
+        out = logits.float().argmax(dim=-1)                       # rows not live keep this
+        alike: dict[SamplingParams, list[int]] = {}
         for i, r in enumerate(rows):
-            row_logits = logits[i:i + 1]
             params = r.predictor_params
             if not live[i]:
-                out.append(row_logits.float().argmax(dim=-1))
                 continue
+            if params.do_sample and params.repetition_penalty == 1.0:
+                alike.setdefault(params, []).append(i)
+                continue
+            row_logits = logits[i:i + 1]
             if params.repetition_penalty != 1.0:
                 prev = (torch.stack([c[i:i + 1] for c in codes[1:]], dim=1) if group > 1 else
                         torch.empty(1, 0, dtype=torch.long, device=logits.device))
                 row_logits = apply_repetition_penalty(row_logits, prev, params.repetition_penalty)
-            out.append(choose(row_logits, params, r.generator))
-        return torch.cat(out)
+            out[i] = choose(row_logits, params, r.generator)[0]
+        for params, idx in alike.items():
+            probs, ids = candidates(logits[idx], params)
+            out[idx] = draw(probs, ids, [rows[i].generator for i in idx])
+        return out
 
     def refill(self, row: Row) -> None:
         """Move newly arrived tokens of the row's TextFeed onto its text track (tts_eos once closed)."""
