@@ -96,6 +96,7 @@ def test_int8_kernel_matches_its_dequantized_weights(monkeypatch, prefill_bf16):
     if quant.kernel() is None:
         pytest.fail(f"int8 kernel not built here: {quant.kernel_error()}")
     monkeypatch.setattr(quant, "PREFILL_BF16", prefill_bf16)     # the AMX choice, either way on any CPU
+    monkeypatch.setattr(quant, "TILES_ON_AMX", False)            # the group order (the tile order: below)
     torch.manual_seed(0)
     for k, m in [(k, m) for k in (64, 1024) for m in (1, 3, 7, 16, 20, 40, 70)]:
         # k=64: the plain C++ path; k=1024: the 512-group (VNNI) path up to PREFILL_ROWS;
@@ -113,6 +114,46 @@ def test_int8_kernel_matches_its_dequantized_weights(monkeypatch, prefill_bf16):
             assert float((q(x) - exact).norm() / exact.norm()) < 1e-4      # int16 activations: ~3e-5
         err = float((q(x) - lin(x)).norm() / lin(x).norm())
         assert err < 0.01                          # weight rounding: ~0.4 % for Gaussian weights
+
+
+@torch.no_grad()
+def test_the_tile_order_gives_the_group_orders_bits(monkeypatch):
+    """Weights in the tile order (AMX: 8+ rows on the tile unit, fewer on a VNNI loop) give exactly the
+    group order's outputs for any number of rows; the orders convert both ways; a layer that takes
+    prompts is stored in the tile order exactly where AMX runs, and gives the same weights and outputs
+    as in the group order."""
+    ext = quant.kernel()
+    if ext is None:
+        pytest.fail(f"int8 kernel not built here: {quant.kernel_error()}")
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 96, bias=True)
+    monkeypatch.setattr(quant, "TILES_ON_AMX", True)
+    amx_here = "amx_int8" in quant._cpu_flags().split()
+    if not ext.tiles_supported():                          # no AVX-512 VNNI: the group order only
+        assert not amx_here and not quant.use_tiles(96, 1024) and quant.layout() == "groups"
+        return
+    q, s = quant.quantize_blocks(lin.weight)
+    qt, st = ext.to_tiles(q, s)
+    assert not torch.equal(qt, q)
+    back_q, back_s = ext.from_tiles(qt, st)
+    assert torch.equal(back_q, q) and torch.equal(back_s, s)
+    groups = ext.permute_k(q, 2)
+    for m in (1, 3, 7, 8, 15, 16, 17, 40, 70):             # the VNNI loop; tiles: 16s and the rest
+        x = torch.randn(m, 1024) * 3
+        assert torch.equal(ext.int8_linear_tiles(x, qt, st), ext.int8_linear(x, groups, s)), m
+    tiled = quant.Int8Linear.from_linear(lin, prompts=True)                 # a talker layer
+    assert tiled.tiles == bool(ext.amx_int8()) == amx_here == (quant.layout() == "tiles")
+    assert not quant.Int8Linear.from_linear(lin).tiles                      # the code predictor's: one row a stream
+    assert not quant.use_tiles(100, 1024) and not quant.use_tiles(96, 1000)       # shapes it cannot take
+    monkeypatch.setattr(quant, "TILES_ON_AMX", False)
+    grouped = quant.Int8Linear.from_linear(lin)
+    assert not grouped.tiles and quant.layout() == "groups"
+    assert torch.equal(tiled.dequantized(), grouped.dequantized())
+    assert torch.equal(tiled.dequantized(torch.empty(96, 1024, dtype=torch.bfloat16)),
+                       grouped.dequantized(torch.empty(96, 1024, dtype=torch.bfloat16)))
+    for m in (2, 20, 70):                                  # 70: dequantized, a float matrix product
+        x = torch.randn(m, 1024)
+        assert torch.equal(tiled(x), grouped(x))
 
 
 def test_quantize_is_refused_off_float32(tiny_checkpoint):

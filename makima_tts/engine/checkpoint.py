@@ -208,6 +208,11 @@ def _check_shape(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise CheckpointError(f"talker: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
 
 
+def _takes_prompts(mod_name: str) -> bool:
+    """A linear of the talker that runs over whole prompts (the code predictor sees one row per stream)."""
+    return not mod_name.startswith("code_predictor.")
+
+
 def _stream_in(talker, read, device, dtype, quantize: str) -> None:
     """Fill the meta-device talker from the checkpoint, one tensor at a time; linears on the per-frame
     path are quantized as they come in (only one float matrix exists at a time)."""
@@ -228,7 +233,7 @@ def _stream_in(talker, read, device, dtype, quantize: str) -> None:
                 lin.bias = torch.nn.Parameter(read(prefix + "bias").float(), requires_grad=False)
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(talker.get_submodule(parent_name) if parent_name else talker, attr,
-                    quant.quantize_linear(lin, method))
+                    quant.quantize_linear(lin, method, prompts=_takes_prompts(mod_name)))
             continue
         for name, ref in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if ref.device.type != "meta" or prefix + name == "model.text_embedding.weight":
@@ -250,7 +255,7 @@ def _assign_quantized(talker, stored: dict, device) -> None:
             qweight = stored[prefix + "qweight"]
             kind = quant.Int4Linear if qweight.dtype == torch.uint8 else quant.Int8Linear
             new = kind(module.in_features, module.out_features, qweight, stored[prefix + "scales"],
-                       stored.get(prefix + "bias"))
+                       stored.get(prefix + "bias"), _takes_prompts(mod_name))
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(talker.get_submodule(parent_name) if parent_name else talker, attr, new)
             continue
@@ -266,7 +271,7 @@ def _assign_quantized(talker, stored: dict, device) -> None:
 class QuantCache:
     """Quantized talker weights of one checkpoint, stored once and memory-mapped afterwards.
 
-    One safetensors file per (checkpoint fingerprint, format, dtype, kernel layout), written to a
+    One safetensors file per (checkpoint fingerprint, format, dtype, kernel version and order), written to a
     temporary name, fsynced and renamed (a crash leaves no half file under the real name). The
     metadata repeats the key and an XXH3-64 hash per tensor (checked on every load: ~0.1 s for the
     0.6B's 790 MB, where CRC32 took 0.4 s): a file that does not match (stale key, truncated, bytes
@@ -274,14 +279,15 @@ class QuantCache:
     of the same format and dtype made for other kernel layouts (left by an upgrade, never read again)."""
 
     def __init__(self, folder: Path, checkpoint_fingerprint: str, dtype: torch.dtype, method: str = "int8"):
-        from .quant import KERNEL_VERSION
+        from .quant import KERNEL_VERSION, layout
 
         self.folder = folder
         fmt = f"{method}-b32"          # "int8-b32"; "int4-b32": the code predictor in 4 bits
-        self.key = {"format": fmt, "fingerprint": checkpoint_fingerprint,
-                    "dtype": str(dtype).replace("torch.", ""), "kernel": KERNEL_VERSION, "hash": "xxh3_64"}
+        order = layout()               # "tiles" where AMX runs, else "groups"
+        self.key = {"format": fmt, "fingerprint": checkpoint_fingerprint, "dtype": str(dtype).replace("torch.", ""),
+                    "kernel": KERNEL_VERSION, "layout": order, "hash": "xxh3_64"}
         self.family = f"talker-{checkpoint_fingerprint}-{fmt}-{self.key['dtype']}-"
-        self.path = folder / f"{self.family}{KERNEL_VERSION}.safetensors"
+        self.path = folder / f"{self.family}{KERNEL_VERSION}-{order}.safetensors"
 
     def load(self) -> Optional[dict]:
         """The cached tensors (memory-mapped), or None when there is no valid file (an invalid one is removed)."""

@@ -161,7 +161,31 @@ def _amx_bf16() -> bool:
 # models' shapes) in bfloat16 where AMX runs them: ~2x faster than float32 over the whole linear,
 # dequantizing included, for a relative error ~4e-3 on those rows only (the decode steps keep the
 # kernel's int16 path). Elsewhere (AVX2, AVX-512 without AMX) float32, as bfloat16 would be slower.
+# (In the tile order, 8 to PREFILL_ROWS rows run exactly on the tile unit: a lone prompt's rows.)
 PREFILL_BF16 = _amx_bf16()
+
+
+# Where AMX runs (and the kernel was built for it), the int8 layers that take prompts (the talker's; not
+# the code predictor's, which only ever sees one row per stream) are stored in the kernel's tile order
+# (out_features % 16 == 0, in_features % GROUP == 0: the real models' shapes): 8 to PREFILL_ROWS
+# activation rows (a prompt, 8+ streams) then run on the tile unit, ~2x the VNNI loop for a prompt's
+# 25 rows (bench/RESULTS.md); fewer rows on a VNNI loop over the same order (one row ~5-10 % slower than
+# the group order's loop: why the code predictor stays in the group order). The same bits either way.
+# Off (False): the group order everywhere, as on CPUs without AMX.
+TILES_ON_AMX = True
+
+
+def use_tiles(out_features: int, in_features: int, bits: int = 8) -> bool:
+    """Whether an int8 layer of this shape that takes prompts is stored in the tile order here (see TILES_ON_AMX)."""
+    ext = kernel()
+    return (TILES_ON_AMX and bits == 8 and ext is not None and out_features % 16 == 0
+            and in_features % GROUP == 0 and bool(ext.amx_int8()))
+
+
+def layout() -> str:
+    """The order an int8 layer of the real models' shapes is stored in here: "tiles" or "groups"
+    (part of the quantized weights cache's key)."""
+    return "tiles" if use_tiles(16, GROUP) else "groups"
 
 
 def quantize_blocks(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,37 +203,45 @@ class Int8Linear(nn.Module):
     """nn.Linear with int8 weights in blocks of 32 (float32 scales); float32 in and out.
 
     The kernel rounds the activations to int16 (one scale per row), so the error is the weights'
-    rounding alone. `qweight` is stored in the kernel's order (permuted within groups of 512
-    inputs); `dequantized()` gives the float weight in natural order. The module owns how rows
-    are fed to the kernel: all in one call up to PREFILL_ROWS (its fast path takes any number), and
-    above (a prompt) the weights dequantized once for a float matrix product (bfloat16 on AMX, see
-    PREFILL_BF16)."""
+    rounding alone. `qweight` is stored in one of the kernel's orders: the tile order where AMX runs
+    (`tiles`, see TILES_ON_AMX), else the group order (permuted within groups of 512 inputs);
+    `dequantized()` gives the float weight in natural order. The module owns how rows are fed to the
+    kernel: all in one call up to PREFILL_ROWS, and above (a prompt, or prompts joining together) the
+    weights dequantized once for a float matrix product (bfloat16 on AMX, see PREFILL_BF16)."""
 
     bits = 8
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scales: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None):
+                 bias: Optional[torch.Tensor] = None, prompts: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         ext = kernel()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._op, self._dequantize, self._pack = ext.int8_linear, ext.dequantize, 2
+        self.tiles = prompts and use_tiles(out_features, in_features, self.bits)     # else the group order
+        self._op = ext.int8_linear_tiles if self.tiles else ext.int8_linear
+        self._dequantize, self._pack = (ext.dequantize_tiles if self.tiles else ext.dequantize), 2
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, prompts: bool = False) -> "Int8Linear":
+        """`prompts`: the layer takes prompts (many rows at once): the tile order where AMX runs."""
         q, s = quantize_blocks(linear.weight, cls.bits)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        stored = kernel().permute_k(q, 2)
-        if cls.bits == 4:
-            stored = kernel().pack4(stored)
-        return cls(linear.in_features, linear.out_features, stored, s, bias)
+        if prompts and use_tiles(linear.out_features, linear.in_features, cls.bits):
+            stored, s = kernel().to_tiles(q, s)
+        else:
+            stored = kernel().permute_k(q, 2)
+            if cls.bits == 4:
+                stored = kernel().pack4(stored)
+        return cls(linear.in_features, linear.out_features, stored, s, bias, prompts)
 
     def dequantized(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The float32 weight (out_features, in_features) these int8 values and scales stand for (into
         `out`, float32 or bfloat16: then rounded to nearest even)."""
         out = torch.empty(self.out_features, self.in_features) if out is None else out
+        if self.tiles:
+            return self._dequantize(self.qweight, self.scales, out)
         return self._dequantize(self.qweight, self.scales, self._pack, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,12 +282,13 @@ def _dynamic(linear: nn.Linear) -> nn.Module:
         return DynamicLinear.from_float(linear.float())
 
 
-def quantize_linear(linear: nn.Module, method: str = "int8") -> nn.Module:
-    """An nn.Linear's quantized replacement ("int8", "int4" or "int8-dynamic"); other modules come back unchanged."""
+def quantize_linear(linear: nn.Module, method: str = "int8", prompts: bool = False) -> nn.Module:
+    """An nn.Linear's quantized replacement ("int8", "int4" or "int8-dynamic"); other modules come back
+    unchanged. `prompts`: the layer takes prompts (see Int8Linear.from_linear)."""
     if not isinstance(linear, nn.Linear) or linear.in_features % BLOCK:
         return linear
     if method in ("int8", "int4") and kernel() is not None:
-        return (Int4Linear if method == "int4" else Int8Linear).from_linear(linear)
+        return (Int4Linear if method == "int4" else Int8Linear).from_linear(linear, prompts)
     if method in ("int8", "int8-dynamic"):
         _quiet_ao_warnings()
         return _dynamic(linear)
@@ -270,7 +303,7 @@ def _quiet_ao_warnings() -> None:
 
 
 def quantize_module(module: nn.Module, method: str = "int8") -> dict:
-    """Replace every nn.Linear under `module` (in place) by its int8 counterpart.
+    """Replace every nn.Linear under `module` (in place) by its int8 counterpart (in the group order).
 
     Returns {"linears": how many, "method": the one used} ("int8" falls back to "int8-dynamic"
     when the kernel cannot be built)."""

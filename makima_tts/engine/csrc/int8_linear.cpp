@@ -4,6 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define MAKIMA_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // out (M, N) = x (M, K) . dequant(w, s)^T with w (N, K) int8 and s (N, K / 32) float32, one scale per
 // block of 32 consecutive weights of a row.
@@ -229,6 +234,298 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The "tile" order, for AMX (Sapphire Rapids and later): the same product and the same numbers, with
+// many activation rows (a prompt, 16+ streams) on the tile unit, 2-3x faster than the VNNI loop above.
+//
+// Stored (N % 16 == 0, K % 512 == 0): weight (16 t + j, 32 b + 4 r + q), block b = 16 g + i, at
+// (((t * 16 + i) * G + g) * 8 + r) * 64 + 4 j + q, G = K / 512: per 16 outputs and block, 8 rows of
+// 16 x 4 bytes (one tile); its scale at ((t * 16 + i) * G + g) * 16 + j.
+// The activations are rounded to int16 as above. On tiles they are split exactly into a signed high
+// and an unsigned low byte, x = 256 hi + lo, so a block's sum w . x = 256 (w . hi) + (w . lo) is two
+// int8 tile products (TDPBSSD, TDPBUSD) with exact int32 sums. Fewer than 16 rows (or no AMX) take an
+// AVX-512 VNNI loop over the same order instead (on tiles a block costs the same for 1 row as for 16).
+// Both give the VNNI path's integer per block and then sum the scaled blocks in its order (block 16 g + i
+// into lane i, g rising; lanes reduced as _mm512_reduce_add_ps does): the three paths give the same bits.
+
+bool amx_int8() {
+#ifdef MAKIMA_AMX
+    // Linux hands the tile state to a process that asks once (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return ok;
+#else
+    return false;
+#endif
+}
+
+bool tiles_supported() {          // int8_linear_tiles runs here (AVX-512 VNNI; AMX for many rows)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    return true;
+#else
+    return false;
+#endif
+}
+
+static inline int64_t tile_index(int64_t n, int64_t k, int64_t K) {      // natural (n, k) -> stored
+    const int64_t G = K / 512, t = n / 16, j = n % 16, b = k / 32, r = (k % 32) / 4, q = k % 4;
+    return (((t * 16 + b % 16) * G + b / 16) * 8 + r) * 64 + 4 * j + q;
+}
+
+static inline int64_t tile_scale_index(int64_t n, int64_t b, int64_t K) {
+    return ((n / 16 * 16 + b % 16) * (K / 512) + b / 16) * 16 + n % 16;
+}
+
+std::vector<torch::Tensor> to_tiles(torch::Tensor w, torch::Tensor s) {
+    // int8 (N, K) in natural order and scales (N, K / 32) -> both in the tile order (same shapes)
+    TORCH_CHECK(w.dtype() == torch::kInt8 && s.dtype() == torch::kFloat32 && w.dim() == 2);
+    const int64_t N = w.size(0), K = w.size(1);
+    TORCH_CHECK(N % 16 == 0 && K % 512 == 0 && s.size(0) == N && s.size(1) == K / 32);
+    auto wc = w.contiguous(), sc = s.contiguous();
+    auto qt = torch::empty_like(wc);
+    auto st = torch::empty_like(sc);
+    const int8_t* wp = wc.data_ptr<int8_t>();
+    const float* sp = sc.data_ptr<float>();
+    int8_t* qp = qt.data_ptr<int8_t>();
+    float* tp = st.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            for (int64_t k = 0; k < K; ++k) qp[tile_index(n, k, K)] = wp[n * K + k];
+            for (int64_t b = 0; b < K / 32; ++b) tp[tile_scale_index(n, b, K)] = sp[n * (K / 32) + b];
+        }
+    });
+    return {qt, st};
+}
+
+std::vector<torch::Tensor> from_tiles(torch::Tensor qt, torch::Tensor st) {
+    // the tile order -> natural order (weights, scales)
+    const int64_t N = qt.size(0), K = qt.size(1);
+    TORCH_CHECK(qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32 && N % 16 == 0 && K % 512 == 0);
+    auto qc = qt.contiguous(), sc = st.contiguous();
+    auto w = torch::empty_like(qc);
+    auto s = torch::empty_like(sc);
+    const int8_t* qp = qc.data_ptr<int8_t>();
+    const float* tp = sc.data_ptr<float>();
+    int8_t* wp = w.data_ptr<int8_t>();
+    float* sp = s.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            for (int64_t k = 0; k < K; ++k) wp[n * K + k] = qp[tile_index(n, k, K)];
+            for (int64_t b = 0; b < K / 32; ++b) sp[n * (K / 32) + b] = tp[tile_scale_index(n, b, K)];
+        }
+    });
+    return {w, s};
+}
+
+static inline void to_bf16(const float* src, at::BFloat16* dst, int64_t K) {   // round to nearest even
+    int64_t k = 0;
+#if defined(__AVX512BF16__)
+    for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256((__m256i*)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+#endif
+    for (; k < K; ++k) dst[k] = at::BFloat16(src[k]);
+}
+
+torch::Tensor dequantize_tiles(torch::Tensor qt, torch::Tensor st, torch::Tensor out) {
+    // dequantize for weights in the tile order -> out float32 or bfloat16 (N, K), natural order: the
+    // same values as dequantize gives for the group order (a prompt's many rows: a bfloat16 matrix product)
+    const int64_t N = qt.size(0), K = qt.size(1), G = K / 512;
+    TORCH_CHECK(qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32 && N % 16 == 0 && K % 512 == 0);
+    const bool bf16 = out.dtype() == torch::kBFloat16;
+    TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.is_contiguous() && out.numel() == N * K);
+    const int8_t* qp = qt.data_ptr<int8_t>();
+    const float* tp = st.data_ptr<float>();
+    float* op = bf16 ? nullptr : out.data_ptr<float>();
+    at::BFloat16* bp = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+    at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<int32_t> nat(16 * (K / 4));           // 16 rows in natural order, 4 weights an int32
+        std::vector<float> row(bf16 ? K : 0);
+        for (int64_t t = t0; t < t1; ++t) {
+            for (int64_t i = 0; i < 16; ++i)
+                for (int64_t g = 0; g < G; ++g) {
+                    const int32_t* src = (const int32_t*)(qp + ((t * 16 + i) * G + g) * 512);
+                    const int64_t b = 16 * g + i;
+                    for (int r = 0; r < 8; ++r)
+                        for (int j = 0; j < 16; ++j) nat[j * (K / 4) + 8 * b + r] = src[16 * r + j];
+                }
+            for (int64_t j = 0; j < 16; ++j) {
+                const int64_t n = 16 * t + j;
+                const int8_t* wr = (const int8_t*)(nat.data() + j * (K / 4));
+                float* orow = bf16 ? row.data() : op + n * K;
+                for (int64_t b = 0; b < K / 32; ++b) {
+                    const float sc = tp[tile_scale_index(n, b, K)];
+                    for (int q = 0; q < 32; ++q) orow[32 * b + q] = float(wr[32 * b + q]) * sc;
+                }
+                if (bf16) to_bf16(orow, bp + n * K, K);
+            }
+        }
+    });
+    return out;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+static inline __m512 reduce_lanes(const __m512* L) {     // _mm512_reduce_add_ps's tree, 16 outputs at once
+    __m512 t3[8], t6[4];
+    for (int i = 0; i < 8; ++i) t3[i] = _mm512_add_ps(L[i + 8], L[i]);
+    for (int i = 0; i < 4; ++i) t6[i] = _mm512_add_ps(t3[i + 4], t3[i]);
+    return _mm512_add_ps(_mm512_add_ps(t6[0], t6[2]), _mm512_add_ps(t6[1], t6[3]));
+}
+
+// rows [m0, m1) of out for 16 outputs t, from int16 activations xq (natural order) on AVX-512 VNNI: per
+// block, the tile's 8 rows widened to int16 (16 outputs x 4 each, as two halves of 8 outputs), times
+// the row's 4 activations of that row broadcast; a lane pair per output, added
+static void tiles_vnni(const int16_t* xq, const float* xs, const int8_t* qp, const float* sp, float* op,
+                       int64_t m0, int64_t m1, int64_t t, int64_t N, int64_t K) {
+    const int64_t G = K / 512;
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int64_t mb = m0; mb < m1; mb += 8) {
+        const int mt = (int)std::min<int64_t>(8, m1 - mb);
+        __m512 lanes[8][16];
+        for (int i = 0; i < 16; ++i) {
+            __m512 acc[8];
+            for (int m = 0; m < mt; ++m) acc[m] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t b = 16 * g + i, tile = (t * 16 + i) * G + g;
+                const int8_t* wt = qp + tile * 512;
+                __m512i w[16];
+                for (int r = 0; r < 8; ++r) {
+                    w[2 * r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wt + 64 * r)));
+                    w[2 * r + 1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wt + 64 * r + 32)));
+                }
+                const __m512 sc = _mm512_loadu_ps(sp + tile * 16);
+                for (int m = 0; m < mt; ++m) {
+                    const int16_t* xr = xq + (mb + m) * K + 32 * b;
+                    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                    for (int r = 0; r < 8; ++r) {
+                        const __m512i xb = _mm512_set1_epi64(*(const int64_t*)(xr + 4 * r));
+                        lo = _mm512_dpwssd_epi32(lo, w[2 * r], xb);          // outputs 0-7, a lane pair each
+                        hi = _mm512_dpwssd_epi32(hi, w[2 * r + 1], xb);      // outputs 8-15
+                    }
+                    const __m512i sum = _mm512_add_epi32(_mm512_permutex2var_epi32(lo, evens, hi),
+                                                         _mm512_permutex2var_epi32(lo, odds, hi));
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sc, acc[m]);
+                }
+            }
+            for (int m = 0; m < mt; ++m) lanes[m][i] = acc[m];
+        }
+        for (int m = 0; m < mt; ++m)
+            _mm512_storeu_ps(op + (mb + m) * N + 16 * t, _mm512_mul_ps(reduce_lanes(lanes[m]), _mm512_set1_ps(xs[mb + m])));
+    }
+}
+#endif
+
+#ifdef MAKIMA_AMX
+static int64_t AMX_MIN_ROWS = 8;       // fewer rows: the VNNI loop (a tile product costs the same for 1 row as for 16)
+
+void set_amx_min_rows(int64_t rows) { AMX_MIN_ROWS = rows; }
+
+struct TileConfig {
+    uint8_t palette = 1, start = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// rows [m0, m0 + 16) of out for 16 outputs t, on AMX tiles (the tile configuration loaded by the caller)
+static void tiles_amx(const int8_t* ah, const uint8_t* al, const float* xs, const int8_t* qp, const float* sp,
+                      float* op, int64_t m0, int mt, int64_t t, int64_t N, int64_t K) {
+    const int64_t G = K / 512;
+    alignas(64) int32_t chi[16 * 16], clo[16 * 16];
+    __m512 lanes[16][16];
+    for (int i = 0; i < 16; ++i) {
+        __m512 acc[16];
+        for (int m = 0; m < mt; ++m) acc[m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t b = 16 * g + i, tile = (t * 16 + i) * G + g;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_loadd(2, ah + m0 * K + 32 * b, K);
+            _tile_loadd(3, al + m0 * K + 32 * b, K);
+            _tile_loadd(4, qp + tile * 512, 64);
+            _tile_dpbssd(0, 2, 4);
+            _tile_dpbusd(1, 3, 4);
+            _tile_stored(0, chi, 64);
+            _tile_stored(1, clo, 64);
+            const __m512 sc = _mm512_loadu_ps(sp + tile * 16);
+            for (int m = 0; m < mt; ++m) {
+                const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(chi + 16 * m), 8),
+                                                   _mm512_load_si512(clo + 16 * m));
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[m]);
+            }
+        }
+        for (int m = 0; m < mt; ++m) lanes[m][i] = acc[m];
+    }
+    for (int m = 0; m < mt; ++m)
+        _mm512_storeu_ps(op + (m0 + m) * N + 16 * t, _mm512_mul_ps(reduce_lanes(lanes[m]), _mm512_set1_ps(xs[m0 + m])));
+}
+#endif
+
+torch::Tensor int8_linear_tiles(torch::Tensor x, torch::Tensor qt, torch::Tensor st) {
+    // out (M, N) = x (M, K) float32 . weights in the tile order^T: int8_linear's result
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32);
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && qt.is_contiguous() && st.is_contiguous());
+    const int64_t M = x.size(0), K = x.size(1), N = qt.size(0);
+    TORCH_CHECK(qt.size(1) == K && N % 16 == 0 && K % 512 == 0 && st.numel() == N * (K / 32));
+    TORCH_CHECK(tiles_supported(), "the tile order needs AVX-512 VNNI");
+    auto out = torch::empty({M, N}, x.options());
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    const float* xp = x.data_ptr<float>();
+    std::vector<int16_t> xq(M * K);
+    std::vector<float> xs(M);
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t m = 0; m < M; ++m) {                      // int16, one scale per row: as int8_linear
+        const float* xr = xp + m * K;
+        __m512 mx = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xr + k), absmask));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+        const __m512 inv = _mm512_set1_ps(1.f / scale);
+        xs[m] = scale;
+        for (int64_t k = 0; k < K; k += 16)
+            _mm256_storeu_si256((__m256i*)(xq.data() + m * K + k),
+                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
+    }
+    const int8_t* qp = qt.data_ptr<int8_t>();
+    const float* sp = st.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    int64_t done = 0;                                      // rows done on tiles
+#ifdef MAKIMA_AMX
+    if (M >= AMX_MIN_ROWS && amx_int8()) {
+        done = M;
+        std::vector<int8_t> hi(M * K);
+        std::vector<uint8_t> lo(M * K);
+        const __m256i lowbyte = _mm256_set1_epi16(0xff);
+        for (int64_t e = 0; e < M * K; e += 16) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(xq.data() + e));
+            _mm_storeu_si128((__m128i*)(hi.data() + e), _mm256_cvtepi16_epi8(_mm256_srai_epi16(v, 8)));
+            _mm_storeu_si128((__m128i*)(lo.data() + e), _mm256_cvtepi16_epi8(_mm256_and_si256(v, lowbyte)));
+        }
+        at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+            // groups of 16 rows, then the rest (a second tile configuration: the rows are part of it)
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int mt = (int)std::min<int64_t>(16, M - m0);
+                if (m0 == 0 || mt < 16) {
+                    TileConfig cfg;
+                    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = (uint8_t)mt;
+                    cfg.colsb[0] = cfg.colsb[1] = 64;     // int32 sums of the high and the low bytes
+                    cfg.colsb[2] = cfg.colsb[3] = 32;     // one block of activations: high, low bytes
+                    cfg.rows[4] = 8;
+                    cfg.colsb[4] = 64;                    // one block of weights
+                    _tile_loadconfig(&cfg);
+                }
+                for (int64_t t = t0; t < t1; ++t) tiles_amx(hi.data(), lo.data(), xs.data(), qp, sp, op, m0, mt, t, N, K);
+            }
+            _tile_release();
+        });
+    }
+#endif
+    if (done < M)
+        at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) tiles_vnni(xq.data(), xs.data(), qp, sp, op, 0, M, t, N, K);
+        });
+#endif
+    return out;
+}
+
 static inline float inv_rms(const float* x, int64_t D, float eps) {      // 1 / sqrt(mean(x^2) + eps)
     float acc[16] = {0};
     int64_t k = 0;
@@ -326,5 +623,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int8_linear", &int8_linear, "x (M, K) float32 . int8 (or packed int4) blocks-of-32 weights^T");
     m.def("pack4", &pack4, "int8 weights (stored order, -8..7) -> int4, two a byte");
     m.def("permute_k", &permute_k, "int8 weights in natural order -> the kernel's stored order");
+    m.def("amx_int8", &amx_int8, "whether AMX tiles run here (compiled for them, and Linux granted the tile state)");
+#ifdef MAKIMA_AMX
+    m.def("set_amx_min_rows", &set_amx_min_rows, "from how many rows int8_linear_tiles uses AMX");
+#endif
+    m.def("tiles_supported", &tiles_supported, "whether int8_linear_tiles runs here (AVX-512 VNNI)");
+    m.def("dequantize_tiles", &dequantize_tiles, "dequantize for weights in the tile order");
+    m.def("to_tiles", &to_tiles, "int8 weights and scales in natural order -> the tile order");
+    m.def("from_tiles", &from_tiles, "the tile order -> natural order (weights, scales)");
+    m.def("int8_linear_tiles", &int8_linear_tiles, "int8_linear for weights in the tile order (AMX for 16+ rows)");
     m.def("dequantize", &dequantize, "stored int8 weights + scales -> float32 (N, K), natural order");
 }
