@@ -45,3 +45,49 @@ def test_causal_conv_equals_torchs(c_in, k, dilation):
     x = torch.randn(2, c_in, 11, dtype=torch.float64)
     full = F.conv1d(F.pad(x, ((k - 1) * dilation, 0)), w, b, dilation=dilation)
     assert torch.allclose(streamed(layer, slots, x, [3, 1, 7]), full, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_snake_is_the_formula_rounded_once(dtype):
+    """The extension's SnakeBeta: x + inv_beta * sin(x * alpha)^2 computed in float32 and rounded once, over
+    arguments up to |x * alpha| ~ 100 (the reduction to [-pi/2, pi/2]); rows longer and shorter than a vector."""
+    from makima_tts.engine import quant
+
+    ext = quant.kernel()
+    if ext is None:
+        pytest.fail(f"the int8 extension does not build here: {quant.kernel_error()}")
+    torch.manual_seed(0)
+    for length in (37, 640):
+        x = (torch.randn(3, 24, length) * 8).to(dtype)
+        alpha = (torch.rand(1, 24, 1) * 4 + 0.1).to(dtype)
+        inv_beta = (torch.rand(1, 24, 1) * 2 + 0.1).to(dtype)
+        exact = x.double() + inv_beta.double() * torch.sin(x.double() * alpha.double()) ** 2
+        got = ext.snake(x, alpha, inv_beta)
+        assert got.dtype == dtype and got.shape == x.shape
+        # one rounding of the result, plus float32's rounding of the argument x * alpha (through sin^2)
+        bound = (exact.abs() * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23)
+                 + 4 * inv_beta.double() * (x.double() * alpha.double()).abs() * 2.0 ** -24 + 1e-6)
+        assert bool(((got.double() - exact).abs() <= bound).all())
+        torch_ops = x + inv_beta * torch.sin(x * alpha).pow(2)
+        if dtype == torch.bfloat16:        # torch's five bfloat16 ops round after each: the fused op is closer
+            assert (got.double() - exact).abs().mean() < (torch_ops.double() - exact).abs().mean()
+
+
+def test_an_int8_engine_decodes_with_the_fused_snake(tiny_checkpoint):
+    """The int8 engine gives its codec the fused activation; the audio is the torch path's within rounding
+    (a float32 codec: the random tiny decoder amplifies bfloat16's roundings, which differ between the two)."""
+    import numpy as np
+
+    from makima_tts.engine.qwen3 import Qwen3Engine
+
+    eng = Qwen3Engine.load(tiny_checkpoint, quantize="int8", weights_cache=None, codec_dtype="float32")
+    dec = eng.codec.decoder
+    acts = [dec.act_out] + [b.act for b in dec.blocks]
+    assert all(a.op is not None for a in acts)
+    codes = torch.randint(0, 2048, (6, 16))
+    fused = eng.codec.decode(codes)
+    for a in acts + [u for b in dec.blocks for unit in b.units for u in (unit.act1, unit.act2)]:
+        a.op = None
+    plain = eng.codec.decode(codes)
+    assert fused.shape == plain.shape and np.isfinite(fused).all()
+    assert float(np.abs(fused - plain).max()) < 1e-3 * max(float(np.abs(plain).max()), 1e-3)

@@ -201,6 +201,7 @@ class Qwen3Engine:
         None: quantize at every load). `codec_dtype`: the codec decoder's precision: "auto" (with int8
         weights: bfloat16 on a CPU with native bfloat16, see `codec.decoder_dtype_for`; otherwise `dtype`),
         or a dtype name."""
+        from . import quant
         from .quant import QUANTIZE_CHOICES
 
         quantize = (quantize or "auto").lower()
@@ -224,6 +225,8 @@ class Qwen3Engine:
         else:
             dec_dt = parse_dtype(codec_dtype)
         codec = Codec.load(ck.folder / "speech_tokenizer", device=dev, dtype=dt, decoder_dtype=dec_dt)
+        if method in ("int8", "int4"):               # the int8 extension is built: its fused codec ops too
+            codec.use_fused_ops(quant.kernel().snake)
         tokenizer = TextTokenizer(ck.folder)
         engine = cls(ck, talker, speaker, codec, tokenizer, dev, dt, model_id=str(checkpoint))
         engine.quantize = method

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define MAKIMA_AMX 1
@@ -526,6 +527,101 @@ torch::Tensor int8_linear_tiles(torch::Tensor x, torch::Tensor qt, torch::Tensor
     return out;
 }
 
+// The codec's SnakeBeta activation, fused: y = x + inv_beta[c] * sin(x * alpha[c])^2 for x (B, C, L) in
+// float32 or bfloat16, computed in float32 with one rounding at the end (torch's five ops round to
+// bfloat16 after each and make four temporaries). sin^2 has period pi, so the argument is reduced to
+// r in [-pi/2, pi/2] (two-constant Cody-Waite) and sin(r) is its Taylor polynomial to r^11 (error < 6e-8).
+static inline float sin2(float v) {
+    const float n = std::floor(v * 0.31830988618f + 0.5f);
+    const float r = (v - n * 3.140625f) - n * 9.67653589793e-4f;
+    const float r2 = r * r;
+    const float p = r * (1.f + r2 * (-1.6666667e-1f + r2 * (8.3333333e-3f + r2 * (-1.9841270e-4f +
+                    r2 * (2.7557319e-6f + r2 * -2.5052108e-8f)))));
+    return p * p;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static inline __m512 sin2_16(__m512 v) {               // sin2 on 16 lanes (the same reduction and polynomial)
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(0.31830988618f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(n, _mm512_set1_ps(3.140625f))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(9.67653589793e-4f)));
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    __m512 p = _mm512_fmadd_ps(r2, _mm512_set1_ps(-2.5052108e-8f), _mm512_set1_ps(2.7557319e-6f));
+    p = _mm512_fmadd_ps(r2, p, _mm512_set1_ps(-1.9841270e-4f));
+    p = _mm512_fmadd_ps(r2, p, _mm512_set1_ps(8.3333333e-3f));
+    p = _mm512_fmadd_ps(r2, p, _mm512_set1_ps(-1.6666667e-1f));
+    p = _mm512_fmadd_ps(r2, p, _mm512_set1_ps(1.f));
+    p = _mm512_mul_ps(r, p);
+    return _mm512_mul_ps(p, p);
+}
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {        // round to nearest even (as at::BFloat16; no NaNs here)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+torch::Tensor snake(torch::Tensor x, torch::Tensor alpha, torch::Tensor inv_beta) {
+    TORCH_CHECK(x.dim() == 3 && (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16));
+    const int64_t B = x.size(0), C = x.size(1), L = x.size(2);
+    auto xc = x.contiguous();
+    auto a = alpha.reshape({-1}).to(torch::kFloat32).contiguous(), ib = inv_beta.reshape({-1}).to(torch::kFloat32).contiguous();
+    TORCH_CHECK(a.numel() == C && ib.numel() == C);
+    auto out = torch::empty_like(xc);
+    const float* ap = a.data_ptr<float>();
+    const float* bp = ib.data_ptr<float>();
+    const bool bf16 = x.dtype() == torch::kBFloat16;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1));
+    at::parallel_for(0, B * C, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t row = r0; row < r1; ++row) {
+            const float al = ap[row % C], be = bp[row % C];
+            if (bf16) {
+                const uint16_t* src = (const uint16_t*)xc.data_ptr<at::BFloat16>() + row * L;
+                uint16_t* dst = (uint16_t*)out.data_ptr<at::BFloat16>() + row * L;
+                int64_t l = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+                const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be);
+                for (; l + 16 <= L; l += 16) {
+                    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + l))), 16));
+                    const __m512 y = _mm512_fmadd_ps(vb, sin2_16(_mm512_mul_ps(v, va)), v);
+                    const __m512i u = _mm512_castps_si512(y);         // round to nearest even
+                    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))), 16);
+                    _mm256_storeu_si256((__m256i*)(dst + l), _mm512_cvtepi32_epi16(r));
+                }
+#endif
+                for (; l < L; ++l) {
+                    const float v = bf16_to_float(src[l]);
+                    dst[l] = float_to_bf16(v + be * sin2(v * al));
+                }
+            } else {
+                const float* src = xc.data_ptr<float>() + row * L;
+                float* dst = out.data_ptr<float>() + row * L;
+                int64_t l = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+                const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be);
+                for (; l + 16 <= L; l += 16) {
+                    const __m512 v = _mm512_loadu_ps(src + l);
+                    _mm512_storeu_ps(dst + l, _mm512_fmadd_ps(vb, sin2_16(_mm512_mul_ps(v, va)), v));
+                }
+#endif
+                for (; l < L; ++l) dst[l] = src[l] + be * sin2(src[l] * al);
+            }
+        }
+    });
+    return out;
+}
+
 static inline float inv_rms(const float* x, int64_t D, float eps) {      // 1 / sqrt(mean(x^2) + eps)
     float acc[16] = {0};
     int64_t k = 0;
@@ -619,6 +715,7 @@ torch::Tensor qk_rope_cache(torch::Tensor qkv, torch::Tensor qw, torch::Tensor k
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qk_rope_cache", &qk_rope_cache, "qkv -> q normed and rotated; k normed, rotated and v written to the cache");
+    m.def("snake", &snake, "the codec's SnakeBeta: x + inv_beta * sin(x * alpha)^2, fused (float32 or bfloat16)");
     m.def("rms_norm", &rms_norm, "x (..., D) float32 -> RMS-normed times w (one pass per row)");
     m.def("int8_linear", &int8_linear, "x (M, K) float32 . int8 (or packed int4) blocks-of-32 weights^T");
     m.def("pack4", &pack4, "int8 weights (stored order, -8..7) -> int4, two a byte");
