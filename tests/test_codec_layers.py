@@ -35,13 +35,13 @@ def test_transposed_conv_equals_torchs(c_in, c_out, k, stride):
 
 
 @pytest.mark.parametrize("c_in,k,dilation", [(codec.MATMUL_MIN_CHANNELS, 7, 1), (codec.MATMUL_MIN_CHANNELS, 7, 3),
-                                             (codec.MATMUL_MIN_CHANNELS, 1, 1), (8, 7, 9)])
+                                             (codec.MATMUL_MIN_CHANNELS, 1, 1), (8, 7, 9), (8, 1, 1)])
 def test_causal_conv_equals_torchs(c_in, k, dilation):
     torch.manual_seed(0)
     w, b = torch.randn(5, c_in, k, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     slots = _Slots()
     layer = _CausalConv(Weights({"conv.weight": w, "conv.bias": b}, "test"), slots, dilation=dilation)
-    assert layer.as_matmul == (c_in >= codec.MATMUL_MIN_CHANNELS)
+    assert layer.pointwise == (k == 1) and layer.as_matmul == (c_in >= codec.MATMUL_MIN_CHANNELS and k > 1)
     x = torch.randn(2, c_in, 11, dtype=torch.float64)
     full = F.conv1d(F.pad(x, ((k - 1) * dilation, 0)), w, b, dilation=dilation)
     assert torch.allclose(streamed(layer, slots, x, [3, 1, 7]), full, atol=1e-10)

@@ -393,10 +393,16 @@ class _CausalConv:
         self.dilation, self.groups = dilation, groups
         self.context = (self.k - 1) * dilation
         c_in = c_group * groups
-        self.as_matmul = groups == 1 and c_in >= MATMUL_MIN_CHANNELS
+        # pointwise (kernel 1): one matrix product over the (B, C_in, n) input as it lies, any width (2-2.5x
+        # faster than conv1d in bfloat16 at the decoder's 96-384 channels over 4 frames of 8 streams)
+        self.pointwise = groups == 1 and self.k == 1
+        self.as_matmul = groups == 1 and c_in >= MATMUL_MIN_CHANNELS and not self.pointwise
         self.slot = slots.take(c_in, self.context) if self.context else -1
 
     def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n)
+        if self.pointwise:
+            y = torch.matmul(self.weight[:, :, 0], x)
+            return y if self.bias is None else y + self.bias[:, None]
         if self.context:
             x = torch.cat([state.conv[self.slot], x], dim=-1)
             state.conv[self.slot] = x[..., -self.context:].clone()
