@@ -423,8 +423,8 @@ class _CausalTransposedConv:
     """ConvTranspose1d(kernel K, stride S) with the right (K - S) samples trimmed: output block i
     (S samples) depends on inputs i, i-1, ... down to i - (K - 1) // S, taken from the state.
 
-    Computed in polyphase form: block i is one matrix product of the m = ceil(K / S) inputs i, i - 1, ..
-    i - m + 1 (concatenated, m * C_in values) with an (m * C_in, C_out * S) weight, whose column c * S + s
+    Computed in polyphase form: block i is one matrix product of the m = ceil(K / S) inputs i - m + 1, ..,
+    i (concatenated, m * C_in values) with an (m * C_in, C_out * S) weight, whose column c * S + s
     gives sample s of channel c. The same products as the transposed convolution, only for the new blocks,
     and on torch's matrix product: its conv_transpose1d (and conv1d, which reorders the weight on every
     call) took 30-90 ms in bfloat16 on the CPU for the 1536 -> 768 upsampler on one frame, the matrix
@@ -443,9 +443,11 @@ class _CausalTransposedConv:
         c_in, c_out, k = self.weight.shape
         m, stride = self.taps, self.stride
         w = self.weight if k == m * stride else F.pad(self.weight, (0, m * stride - k))
-        # [j * C_in + c_in, c * S + s] = W[c_in, c, j * S + s]: tap j multiplies input i - j of block i (runs
-        # of S contiguous values are copied: a cheap rearrangement at load)
-        self.weight = w.view(c_in, c_out, m, stride).permute(2, 0, 1, 3).reshape(m * c_in, c_out * stride).contiguous()
+        # [p * C_in + c_in, c * S + s] = W[c_in, c, (m - 1 - p) * S + s]: window position p holds input
+        # i - (m - 1) + p of block i, which tap m - 1 - p multiplies (runs of S contiguous values are copied:
+        # a cheap rearrangement at load; the taps reversed here, so the windows are taken as they lie)
+        self.weight = (w.view(c_in, c_out, m, stride).flip(2).permute(2, 0, 1, 3)
+                       .reshape(m * c_in, c_out * stride).contiguous())
         self.bias = None if self.bias is None else self.bias.repeat_interleave(stride).contiguous()
         self.polyphase = True
 
@@ -455,8 +457,8 @@ class _CausalTransposedConv:
         if self.context:
             x = torch.cat([state.conv[self.slot], x], dim=-1)
             state.conv[self.slot] = x[..., -self.context:].clone()
-        # [b, i, j * C_in + c] = input i - j of channel c (the window reversed)
-        windows = x.unfold(2, self.taps, 1).flip(3).permute(0, 2, 3, 1).reshape(b, n, self.taps * c_in)
+        # [b, i, p * C_in + c] = input i - (taps - 1) + p of channel c
+        windows = x.unfold(2, self.taps, 1).permute(0, 2, 3, 1).reshape(b, n, self.taps * c_in)
         y = torch.matmul(windows, self.weight)                               # (B, n, C_out * S)
         if self.bias is not None:
             y = y + self.bias
