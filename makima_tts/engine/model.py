@@ -123,13 +123,13 @@ class Step:
 
     rows: the cache rows of the batch (contiguous); positions (b, t): each token's position;
     cos/sin (b, 1, t, head_dim); mask (b, 1, t, top): key j is visible to a query at position p
-    when j <= p; top: keys [0, top) are read."""
+    when j <= p (None: every key [0, top) is visible to every query); top: keys [0, top) are read."""
 
     rows: slice
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor]
     top: int
 
 
@@ -247,8 +247,12 @@ class Cache:
         b, t = positions.shape
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        keys = torch.arange(top, device=positions.device)
-        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        mask: Optional[torch.Tensor] = None
+        if t > 1 or (b > 1 and not bool((positions == top - 1).all())):
+            keys = torch.arange(top, device=positions.device)
+            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        # else one position per row, every row's the last: all of [0, top) is visible, no mask (the same
+        # attention without converting a mask in every layer: a lone stream's steps, the code predictor's)
         return Step(rows=rows, positions=positions, cos=cos, sin=sin, mask=mask, top=top)
 
 
