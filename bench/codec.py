@@ -8,7 +8,10 @@ the per-row position and padded-key path the scheduler takes), step `StreamingDe
 n frames per stream per call; reported as ms per frame of one stream (`ms_per_frame_row`, the cost of
 80 ms of audio) and per call. One call over B rows is how the batched scheduler shares the codec.
 
-Error: bfloat16 against float32 on the same codes (40 frames), as SNR and max abs of the waveform.
+Error: bfloat16 against float32 on the same codes (40 frames), as SNR and max abs of the waveform, with
+torch's SnakeBeta ops (`bf16_error`) and with the extension's fused one (`bf16_fused_error`: what an
+int8 engine runs). Speed is measured with the fused SnakeBeta (as an int8 engine runs it) unless
+--torch-ops.
 Random weights drive this decoder's output into the [-1, 1] clamp (most samples at +-1) with very
 large activations inside, where any rounding is amplified chaotically: that figure is reported
 (`as_built`) but says little. `tamed` rescales the random weights as a trained decoder's are
@@ -60,7 +63,7 @@ def _codes(codec, frames: int, seed: int):
     return torch.randint(0, codec.codebook_size, (frames, codec.num_codebooks), generator=g)
 
 
-def error(folder: str) -> dict:
+def error(folder: str, fused=None) -> dict:
     import copy
 
     import torch
@@ -75,6 +78,8 @@ def error(folder: str) -> dict:
         low = copy.deepcopy(ref)
         _cast(low.decoder, torch.bfloat16)
         low.decoder.dtype = torch.bfloat16
+        if fused:
+            low.use_fused_ops(fused)
         codes = _codes(ref, 40, 1)
         x, y = ref.decode(codes), low.decode(codes)
         out[name] = dict(snr_db=snr_db(x, y), max_abs=round(float(np.abs(x - y).max()), 5),
@@ -83,12 +88,22 @@ def error(folder: str) -> dict:
     return out
 
 
-def speed(folder: str, dtype: str, batches: list[int], per_call: list[int], calls: int) -> list[dict]:
+def fused_snake():
+    """The int8 extension's fused SnakeBeta (what an int8 engine gives its codec), or None when it does not build."""
+    from makima_tts.engine import quant
+
+    ext = quant.kernel()
+    return None if ext is None else ext.snake
+
+
+def speed(folder: str, dtype: str, batches: list[int], per_call: list[int], calls: int, fused=None) -> list[dict]:
     import torch
 
     from makima_tts.engine.codec import Codec, StreamingDecoder
 
     codec = Codec.load(folder, decoder_dtype=getattr(torch, dtype))
+    if fused:
+        codec.use_fused_ops(fused)
     rows = []
     for b in batches:
         for n in per_call:
@@ -115,6 +130,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-error", action="store_true")
+    ap.add_argument("--torch-ops", action="store_true", help="time torch's SnakeBeta ops, not the fused one")
     args = ap.parse_args()
 
     import torch
@@ -124,15 +140,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = os.path.join(checkpoint(args), "speech_tokenizer")
     load_before = os.getloadavg()
+    fused = fused_snake()
     rows = [r for dt in args.dtypes.split(",")
             for r in speed(folder, dt, [int(x) for x in args.batches.split(",")],
-                           [int(x) for x in args.frames_per_call.split(",")], args.calls)]
+                           [int(x) for x in args.frames_per_call.split(",")], args.calls,
+                           None if args.torch_ops else fused)]
     err = {} if args.skip_error else error(folder)
-    for name, e in err.items():
-        print(f"bfloat16 vs float32 ({name}): SNR {e['snr_db']} dB, max abs {e['max_abs']} "
-              f"(output RMS {e['rms']}, clipped {e['clipped_frac']:.0%})")
+    err_fused = {} if args.skip_error or fused is None else error(folder, fused)
+    for label, errs in (("torch ops", err), ("fused SnakeBeta", err_fused)):
+        for name, e in errs.items():
+            print(f"bfloat16 vs float32, {label} ({name}): SNR {e['snr_db']} dB, max abs {e['max_abs']} "
+                  f"(output RMS {e['rms']}, clipped {e['clipped_frac']:.0%})")
     print(json.dumps(dict(checkpoint=folder, threads=args.threads, native_bf16=cpu_has_native_bf16(),
-                          loadavg_before=load_before, loadavg_after=os.getloadavg(), speed=rows, bf16_error=err)))
+                          fused_snake=not args.torch_ops and fused is not None, loadavg_before=load_before,
+                          loadavg_after=os.getloadavg(), speed=rows, bf16_error=err, bf16_fused_error=err_fused)))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def test_transposed_conv_equals_torchs(c_in, c_out, k, stride):
     ctx = (k - 1) // stride                     # the causal decoder: zero context, the right tail trimmed
     full = F.conv_transpose1d(F.pad(x, (ctx, 0)), w, b, stride=stride)[..., ctx * stride:(ctx + 9) * stride]
     assert torch.allclose(streamed(layer, slots, x, [4, 1, 4]), full, atol=1e-12)
+    codec._cast(layer, torch.float32)           # cast again (bench.codec copies a decoder to bfloat16): still right
+    assert torch.allclose(streamed(layer, slots, x.float(), [9]), full.float(), atol=1e-4)
 
 
 @pytest.mark.parametrize("c_in,k,dilation", [(codec.MATMUL_MIN_CHANNELS, 7, 1), (codec.MATMUL_MIN_CHANNELS, 7, 3),

@@ -440,6 +440,8 @@ class _CausalTransposedConv:
         self.slot = slots.take(c_in, self.context) if self.context else -1
 
     def _after_cast(self) -> None:
+        if self.polyphase:              # cast again (a copy of a loaded decoder to another dtype): rearranged already
+            return
         c_in, c_out, k = self.weight.shape
         m, stride = self.taps, self.stride
         w = self.weight if k == m * stride else F.pad(self.weight, (0, m * stride - k))
