@@ -151,8 +151,24 @@ def test_the_tile_order_gives_the_group_orders_bits(monkeypatch):
     assert torch.equal(tiled.dequantized(), grouped.dequantized())
     assert torch.equal(tiled.dequantized(torch.empty(96, 1024, dtype=torch.bfloat16)),
                        grouped.dequantized(torch.empty(96, 1024, dtype=torch.bfloat16)))
-    for m in (2, 20, 70):                                  # 70: dequantized, a float matrix product
+    for m in (2, 20):
         x = torch.randn(m, 1024)
+        assert torch.equal(tiled(x), grouped(x))
+    x = torch.randn(70, 1024)                              # a prompt's many rows
+    w16 = grouped.dequantized(torch.empty(96, 1024, dtype=torch.bfloat16))
+    if tiled.tiles and quant.PREFILL_BF16 and ext.amx_bf16():
+        # bfloat16 tiles: the bfloat16 operands' products summed in float32 (the group order's F.linear also
+        # rounds its output to bfloat16)
+        exact = nn.functional.linear(x.bfloat16().double(), w16.double()) + lin.bias.double()
+        assert float((tiled(x).double() - exact).norm() / exact.norm()) < 1e-6
+        assert float((grouped(x).double() - exact).norm() / exact.norm()) < 1e-2
+        for n in (80, 144):                                 # an odd last output tile; a second panel
+            q, s = quant.quantize_blocks(torch.randn(n, 1024))
+            qt, st = ext.to_tiles(q, s)
+            wn = ext.dequantize_tiles(qt, st, torch.empty(n, 1024, dtype=torch.bfloat16))
+            exact = nn.functional.linear(x.bfloat16().double(), wn.double())
+            assert float((ext.int8_linear_tiles_bf16(x, qt, st).double() - exact).norm() / exact.norm()) < 1e-6
+    else:
         assert torch.equal(tiled(x), grouped(x))
 
 

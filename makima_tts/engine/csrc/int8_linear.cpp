@@ -527,6 +527,112 @@ torch::Tensor int8_linear_tiles(torch::Tensor x, torch::Tensor qt, torch::Tensor
     return out;
 }
 
+bool amx_bf16() {                 // int8_linear_tiles_bf16 runs here
+#if defined(MAKIMA_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    return amx_int8();
+#else
+    return false;
+#endif
+}
+
+torch::Tensor int8_linear_tiles_bf16(torch::Tensor x, torch::Tensor qt, torch::Tensor st) {
+    // Many rows (prompts joining together) for weights in the tile order, on AMX bfloat16 tiles: each
+    // block's weights are dequantized (times their scale, rounded to bfloat16 as dequantize does) into
+    // a tile once per call and multiplied with the rows in bfloat16, float32 sums over all of K: the
+    // values of F.linear(x.bfloat16(), dequantized bfloat16 weights) (the group order's prompt path),
+    // without writing the whole bfloat16 weight out and handing it to a matrix product that reorders it.
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32);
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && qt.is_contiguous() && st.is_contiguous());
+    const int64_t M = x.size(0), K = x.size(1), N = qt.size(0);
+    TORCH_CHECK(qt.size(1) == K && N % 16 == 0 && K % 512 == 0 && st.numel() == N * (K / 32));
+    TORCH_CHECK(amx_bf16(), "AMX bfloat16 tiles are not available");
+    auto out = torch::empty({M, N}, x.options());
+#if defined(MAKIMA_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    const int64_t G = K / 512, nb = K / 32;
+    auto xb = x.to(torch::kBFloat16).contiguous();          // round to nearest even
+    const uint16_t* ap = (const uint16_t*)xb.data_ptr<at::BFloat16>();
+    const int8_t* qp = qt.data_ptr<int8_t>();
+    const float* sp = st.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    // panels of PANEL outputs tiles: their blocks dequantized into bfloat16 tiles once (L2-resident), then
+    // every 16 rows against them, two output tiles at a time (the rows' tile loaded once for both)
+    constexpr int64_t PANEL = 8;
+    const int64_t tiles_n = N / 16, panels = (tiles_n + PANEL - 1) / PANEL;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        // block b of output tile u: pair row R, output j, p at [u][b][R][j][p], k = 32 b + 2 R + p
+        std::vector<uint16_t> wb(PANEL * nb * 512);
+        const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i hi_idx = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+        int configured = -1;
+        for (int64_t panel = p0; panel < p1; ++panel) {
+            const int64_t ta = panel * PANEL, tb = std::min(tiles_n, ta + PANEL);
+            for (int64_t t = ta; t < tb; ++t)
+                for (int64_t b = 0; b < nb; ++b) {
+                    const int64_t tile = (t * 16 + b % 16) * G + b / 16;
+                    const int8_t* src = qp + tile * 512;                     // [r][j][q], k = 32 b + 4 r + q
+                    uint16_t* dst = wb.data() + ((t - ta) * nb + b) * 512;
+                    const __m512 sc = _mm512_loadu_ps(sp + tile * 16);
+                    const __m512 sc_lo = _mm512_permutexvar_ps(lo_idx, sc), sc_hi = _mm512_permutexvar_ps(hi_idx, sc);
+                    for (int r = 0; r < 8; ++r) {
+                        const __m512i row = _mm512_loadu_si512((const void*)(src + 64 * r));
+                        const __m256i halves[2] = {_mm512_cvtepi32_epi16(row),                          // q = 0, 1
+                                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(row, 16))};  // q = 2, 3
+                        for (int h = 0; h < 2; ++h) {
+                            const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm256_castsi256_si128(halves[h]))), sc_lo);                       // j 0-7
+                            const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm256_extracti128_si256(halves[h], 1))), sc_hi);                  // j 8-15
+                            _mm512_storeu_si512((void*)(dst + (2 * r + h) * 32), (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+                        }
+                    }
+                }
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int mt = (int)std::min<int64_t>(16, M - m0);
+                if (mt != configured) {
+                    TileConfig cfg;
+                    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = (uint8_t)mt;
+                    cfg.colsb[0] = cfg.colsb[1] = 64;     // float32 sums of two output tiles
+                    cfg.colsb[2] = 64;                    // one block of rows: 32 bfloat16
+                    cfg.rows[3] = cfg.rows[4] = 16;
+                    cfg.colsb[3] = cfg.colsb[4] = 64;     // a block of weights of each output tile
+                    _tile_loadconfig(&cfg);
+                    configured = mt;
+                }
+                const uint16_t* arow = ap + m0 * K;
+                int64_t t = ta;
+                for (; t + 2 <= tb; t += 2) {
+                    const uint16_t* w0 = wb.data() + (t - ta) * nb * 512;
+                    const uint16_t* w1 = w0 + nb * 512;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    for (int64_t b = 0; b < nb; ++b) {
+                        _tile_loadd(2, arow + 32 * b, K * 2);
+                        _tile_loadd(3, w0 + b * 512, 64);
+                        _tile_loadd(4, w1 + b * 512, 64);
+                        _tile_dpbf16ps(0, 2, 3);
+                        _tile_dpbf16ps(1, 2, 4);
+                    }
+                    _tile_stored(0, op + m0 * N + 16 * t, N * 4);
+                    _tile_stored(1, op + m0 * N + 16 * (t + 1), N * 4);
+                }
+                if (t < tb) {                              // an odd panel's last output tile
+                    const uint16_t* w0 = wb.data() + (t - ta) * nb * 512;
+                    _tile_zero(0);
+                    for (int64_t b = 0; b < nb; ++b) {
+                        _tile_loadd(2, arow + 32 * b, K * 2);
+                        _tile_loadd(3, w0 + b * 512, 64);
+                        _tile_dpbf16ps(0, 2, 3);
+                    }
+                    _tile_stored(0, op + m0 * N + 16 * t, N * 4);
+                }
+            }
+        }
+        _tile_release();
+    });
+#endif
+    return out;
+}
+
 // The codec's SnakeBeta activation, fused: y = x + inv_beta[c] * sin(x * alpha[c])^2 for x (B, C, L) in
 // float32 or bfloat16, computed in float32 with one rounding at the end (torch's five ops round to
 // bfloat16 after each and make four temporaries). sin^2 has period pi, so the argument is reduced to
@@ -725,6 +831,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_amx_min_rows", &set_amx_min_rows, "from how many rows int8_linear_tiles uses AMX");
 #endif
     m.def("tiles_supported", &tiles_supported, "whether int8_linear_tiles runs here (AVX-512 VNNI)");
+    m.def("amx_bf16", &amx_bf16, "whether int8_linear_tiles_bf16 runs here (AMX bfloat16 tiles)");
+    m.def("int8_linear_tiles_bf16", &int8_linear_tiles_bf16, "many rows, weights in the tile order: AMX bfloat16 tiles");
     m.def("dequantize_tiles", &dequantize_tiles, "dequantize for weights in the tile order");
     m.def("to_tiles", &to_tiles, "int8 weights and scales in natural order -> the tile order");
     m.def("from_tiles", &from_tiles, "the tile order -> natural order (weights, scales)");
