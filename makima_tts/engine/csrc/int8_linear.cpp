@@ -152,6 +152,23 @@ torch::Tensor pack4(torch::Tensor w) {
     return out;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// one activation row (K floats, K % 16 == 0) -> int16 in natural order, rounded to nearest even (as
+// nearbyint) with one scale for the row (absmax / 32767); -> the scale
+static inline float quantize_row16(const float* xr, int64_t K, int16_t* dst) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xr + k), absmask));
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(1.f / scale);
+    for (int64_t k = 0; k < K; k += 16)
+        _mm256_storeu_si256((__m256i*)(dst + k),
+                            _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
+    return scale;
+}
+#endif
+
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     // w: int8 (N, K), or int4 packed two a byte (uint8 (N, K / 2)): the same stored order and scales
     TORCH_CHECK(x.dtype() == torch::kFloat32 && (w.dtype() == torch::kInt8 || w.dtype() == torch::kUInt8) &&
@@ -171,18 +188,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
         // int32 transpose (block i, pair j) -> (pair j, block i) within each group of 512
         std::vector<int16_t> xn(K), xq(M * K);
         std::vector<float> xs(M);
-        const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
         for (int64_t m = 0; m < M; ++m) {
-            const float* xr = xp + m * K;
-            __m512 mx = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xr + k), absmask));
-            const float amax = _mm512_reduce_max_ps(mx);
-            const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-            const __m512 inv = _mm512_set1_ps(1.f / scale);
-            xs[m] = scale;
-            for (int64_t k = 0; k < K; k += 16)      // round to nearest even, as nearbyint
-                _mm256_storeu_si256((__m256i*)(xn.data() + k),
-                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
+            xs[m] = quantize_row16(xp + m * K, K, xn.data());
             const int32_t* src = (const int32_t*)xn.data();
             int32_t* dst = (int32_t*)(xq.data() + m * K);
             for (int64_t g = 0; g < K / 2; g += 256)
@@ -276,46 +283,36 @@ static inline int64_t tile_scale_index(int64_t n, int64_t b, int64_t K) {
     return ((n / 16 * 16 + b % 16) * (K / 512) + b / 16) * 16 + n % 16;
 }
 
-std::vector<torch::Tensor> to_tiles(torch::Tensor w, torch::Tensor s) {
-    // int8 (N, K) in natural order and scales (N, K / 32) -> both in the tile order (same shapes)
+static std::vector<torch::Tensor> reorder_tiles(torch::Tensor w, torch::Tensor s, bool to_tiles) {
+    // int8 weights (N, K) and scales (N, K / 32): natural order -> the tile order (to_tiles), or back
     TORCH_CHECK(w.dtype() == torch::kInt8 && s.dtype() == torch::kFloat32 && w.dim() == 2);
     const int64_t N = w.size(0), K = w.size(1);
     TORCH_CHECK(N % 16 == 0 && K % 512 == 0 && s.size(0) == N && s.size(1) == K / 32);
     auto wc = w.contiguous(), sc = s.contiguous();
-    auto qt = torch::empty_like(wc);
-    auto st = torch::empty_like(sc);
-    const int8_t* wp = wc.data_ptr<int8_t>();
-    const float* sp = sc.data_ptr<float>();
-    int8_t* qp = qt.data_ptr<int8_t>();
-    float* tp = st.data_ptr<float>();
+    auto wo = torch::empty_like(wc);
+    auto so = torch::empty_like(sc);
+    const int8_t* wi = wc.data_ptr<int8_t>();
+    const float* si = sc.data_ptr<float>();
+    int8_t* wp = wo.data_ptr<int8_t>();
+    float* sp = so.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
-            for (int64_t k = 0; k < K; ++k) qp[tile_index(n, k, K)] = wp[n * K + k];
-            for (int64_t b = 0; b < K / 32; ++b) tp[tile_scale_index(n, b, K)] = sp[n * (K / 32) + b];
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t a = n * K + k, t = tile_index(n, k, K);
+                wp[to_tiles ? t : a] = wi[to_tiles ? a : t];
+            }
+            for (int64_t b = 0; b < K / 32; ++b) {
+                const int64_t a = n * (K / 32) + b, t = tile_scale_index(n, b, K);
+                sp[to_tiles ? t : a] = si[to_tiles ? a : t];
+            }
         }
     });
-    return {qt, st};
+    return {wo, so};
 }
 
-std::vector<torch::Tensor> from_tiles(torch::Tensor qt, torch::Tensor st) {
-    // the tile order -> natural order (weights, scales)
-    const int64_t N = qt.size(0), K = qt.size(1);
-    TORCH_CHECK(qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32 && N % 16 == 0 && K % 512 == 0);
-    auto qc = qt.contiguous(), sc = st.contiguous();
-    auto w = torch::empty_like(qc);
-    auto s = torch::empty_like(sc);
-    const int8_t* qp = qc.data_ptr<int8_t>();
-    const float* tp = sc.data_ptr<float>();
-    int8_t* wp = w.data_ptr<int8_t>();
-    float* sp = s.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-            for (int64_t k = 0; k < K; ++k) wp[n * K + k] = qp[tile_index(n, k, K)];
-            for (int64_t b = 0; b < K / 32; ++b) sp[n * (K / 32) + b] = tp[tile_scale_index(n, b, K)];
-        }
-    });
-    return {w, s};
-}
+std::vector<torch::Tensor> to_tiles(torch::Tensor w, torch::Tensor s) { return reorder_tiles(w, s, true); }
+
+std::vector<torch::Tensor> from_tiles(torch::Tensor qt, torch::Tensor st) { return reorder_tiles(qt, st, false); }
 
 static inline void to_bf16(const float* src, at::BFloat16* dst, int64_t K) {   // round to nearest even
     int64_t k = 0;
@@ -460,31 +457,25 @@ static void tiles_amx(const int8_t* ah, const uint8_t* al, const float* xs, cons
 }
 #endif
 
-torch::Tensor int8_linear_tiles(torch::Tensor x, torch::Tensor qt, torch::Tensor st) {
-    // out (M, N) = x (M, K) float32 . weights in the tile order^T: int8_linear's result
+static void check_tiles_args(const torch::Tensor& x, const torch::Tensor& qt, const torch::Tensor& st) {
+    // x (M, K) float32 rows; qt (N, K) int8 and st (N, K / 32) float32 in the tile order
     TORCH_CHECK(x.dtype() == torch::kFloat32 && qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32);
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && qt.is_contiguous() && st.is_contiguous());
-    const int64_t M = x.size(0), K = x.size(1), N = qt.size(0);
+    const int64_t K = x.size(1), N = qt.size(0);
     TORCH_CHECK(qt.size(1) == K && N % 16 == 0 && K % 512 == 0 && st.numel() == N * (K / 32));
+}
+
+torch::Tensor int8_linear_tiles(torch::Tensor x, torch::Tensor qt, torch::Tensor st) {
+    // out (M, N) = x (M, K) float32 . weights in the tile order^T: int8_linear's result
+    check_tiles_args(x, qt, st);
+    const int64_t M = x.size(0), K = x.size(1), N = qt.size(0);
     TORCH_CHECK(tiles_supported(), "the tile order needs AVX-512 VNNI");
     auto out = torch::empty({M, N}, x.options());
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
     const float* xp = x.data_ptr<float>();
     std::vector<int16_t> xq(M * K);
     std::vector<float> xs(M);
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    for (int64_t m = 0; m < M; ++m) {                      // int16, one scale per row: as int8_linear
-        const float* xr = xp + m * K;
-        __m512 mx = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xr + k), absmask));
-        const float amax = _mm512_reduce_max_ps(mx);
-        const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-        const __m512 inv = _mm512_set1_ps(1.f / scale);
-        xs[m] = scale;
-        for (int64_t k = 0; k < K; k += 16)
-            _mm256_storeu_si256((__m256i*)(xq.data() + m * K + k),
-                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
-    }
+    for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row16(xp + m * K, K, xq.data() + m * K);   // as int8_linear
     const int8_t* qp = qt.data_ptr<int8_t>();
     const float* sp = st.data_ptr<float>();
     float* op = out.data_ptr<float>();
@@ -541,10 +532,8 @@ torch::Tensor int8_linear_tiles_bf16(torch::Tensor x, torch::Tensor qt, torch::T
     // a tile once per call and multiplied with the rows in bfloat16, float32 sums over all of K: the
     // values of F.linear(x.bfloat16(), dequantized bfloat16 weights) (the group order's prompt path),
     // without writing the whole bfloat16 weight out and handing it to a matrix product that reorders it.
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && qt.dtype() == torch::kInt8 && st.dtype() == torch::kFloat32);
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && qt.is_contiguous() && st.is_contiguous());
+    check_tiles_args(x, qt, st);
     const int64_t M = x.size(0), K = x.size(1), N = qt.size(0);
-    TORCH_CHECK(qt.size(1) == K && N % 16 == 0 && K % 512 == 0 && st.numel() == N * (K / 32));
     TORCH_CHECK(amx_bf16(), "AMX bfloat16 tiles are not available");
     auto out = torch::empty({M, N}, x.options());
 #if defined(MAKIMA_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
