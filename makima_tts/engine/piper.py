@@ -44,11 +44,6 @@ PEAK = 0.9
 
 _ENGLISH = {"auto", "english", "en", "en-us", "en_us", "en-gb", "en_gb"}
 
-# ONNX Runtime run option that hands the CPU arena's free regions back to the system at the end of
-# each run (see _ArenaReturningSession).
-_ARENA_SHRINK = ("memory.enable_memory_arena_shrinkage", "cpu:0")
-
-
 @dataclass(frozen=True)
 class _BuiltinVoice:
     voice_id: str
@@ -118,15 +113,15 @@ def _large_blocks_to_mmap() -> None:
     explicit MALLOC_MMAP_THRESHOLD_ in the environment wins).
 
     Why: glibc's threshold is dynamic: each time an mmap()ed block is freed, blocks up to its size
-    (at most 32 MB) come from the heaps from then on. Once ONNX Runtime has freed one arena region
-    (which _ArenaReturningSession has it do after every run), its later 1-32 MB regions and the
+    (at most 32 MB) come from the heaps from then on. Once ONNX Runtime has freed one large tensor
+    (its CPU arena is off: see _TrimmingSession), its later 1-32 MB tensors and the
     sentences' PCM buffers are carved from the per-thread malloc arenas of the worker threads,
     and a free block in a heap goes back to the system only from its top (above a trim threshold
     that the same rule raises to 64 MB). In the issue-15 soak that was +130-160 MB of free but
     resident heap after the clients had gone (the heaps' share of RSS 370 -> 502 MB; mmap()ed
     memory unchanged); with the threshold fixed at 1 MB, +10 MB, and RSS within +18 MB of the
     baseline. A leak would have stayed resident either way. Costs an mmap()/munmap() pair and
-    page faults per large block; ONNX Runtime's arena reuses its regions within a run."""
+    page faults per large block."""
     global _mallopt_done, _libc
     if _mallopt_done:
         return
@@ -143,67 +138,36 @@ def _large_blocks_to_mmap() -> None:
         pass
 
 
-class _ArenaReturningSession:
-    """The Piper voice's InferenceSession, each run told to shrink ONNX Runtime's CPU arena afterwards.
+class _TrimmingSession:
+    """The Piper voice's InferenceSession (its CPU arena off), glibc's free heap memory returned after each run.
 
-    Why: the arena (on by default) keeps every region it has ever reserved, and grows in
-    power-of-two steps. Piper's VITS graph needs working memory in proportion to the sentence's
-    length (~250 MB for a 280-character sentence), so under a server's mix of lengths and
-    concurrent runs (the slots, plus a cancelled run that finishes its sentence after its slot is
-    returned) the arena only ratchets up: in the issue-15 soak the server ended +253 MB above its
-    baseline after the clients had gone, with a +150 MB step after a long plateau, and never gave
-    it back. Measured in a child process (2 threads, random lengths up to 850 characters, 60 s):
-    arena as is, RSS 900 MB after warm-up -> 1240 MB and staying; arena off, back to the baseline
-    after each run, but a 280-character sentence took 2.28 s instead of 1.59 s (+44 %: every
-    intermediate tensor is a fresh mmap and its page faults); arena on + shrink after each run
-    (this, with _large_blocks_to_mmap()), back to ~250 MB after each run, 1.82 s (+14 %: regions
-    are reused inside a run, faulted in once per run); short sentences the same within noise.
-    Regions still used by a concurrent run are kept; only free ones go.
+    Why no arena: ONNX Runtime's CPU arena keeps every region it has reserved and grows in
+    power-of-two steps, and Piper's VITS graph needs working memory in proportion to the sentence
+    (~250 MB for 280 characters). In the issue-15 soak the server ended +253 MB above its baseline
+    after the clients had gone and never gave it back. Shrinking the arena at the end of each run
+    (the run option memory.enable_memory_arena_shrinkage, used until the fifth session) keeps a
+    region that a run still holds, and a run still holds its output tensors during its own shrink:
+    the region they landed in (up to a whole sentence's 250 MB) stayed until a later run, and a sweep
+    run after overlapping runs could land its own output there again (CI kept +260 MB twice). Without
+    the arena every intermediate tensor is a fresh allocation, freed when the run ends: a
+    280-character sentence took 2.28 s instead of 1.82 s with the shrinking arena (one thread,
+    bench/RESULTS.md, issue 15); Piper still speaks ~8x faster than real time there. With
+    _large_blocks_to_mmap() the big tensors are mmap()ed and unmapped when freed; the smaller ones
+    freed in the worker threads' heaps are handed back by malloc_trim after each run.
 
-    Concurrent runs: a run's shrink keeps the regions that another run still holds, and a run
-    still holds its output tensors for a moment after its own shrink. So when two runs end
-    together, the last shrink can miss a region (with power-of-two growth, up to a whole
-    sentence's ~250 MB: seen once in six pairs of long sentences on a busy machine, until the next
-    run). The last run to leave after an overlap therefore runs the graph once more on the first
-    few phonemes (a few ms), when nothing else holds a region, and that run's shrink frees them.
+    PiperVoice calls only `session.run(output_names, feeds)`."""
 
-    PiperVoice calls only `session.run(output_names, feeds)`, feeds as in PiperVoice.phoneme_ids_to_audio."""
-
-    SWEEP_PHONEMES = 4
-
-    def __init__(self, session, ort):
+    def __init__(self, session):
         self.inner = session
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry(*_ARENA_SHRINK)
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._overlapped = False
-        self.sweeps = 0
 
     def run(self, output_names, input_feed, run_options=None):
-        with self._lock:
-            self._in_flight += 1
-            self._overlapped |= self._in_flight > 1
         try:
-            return self.inner.run(output_names, input_feed, run_options or self.run_options)
+            return self.inner.run(output_names, input_feed, run_options)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                sweep = self._in_flight == 0 and self._overlapped
-                if sweep:
-                    self._overlapped = False
-                    self.sweeps += 1
-            if sweep:
-                self.run(output_names, self._short_feed(input_feed))
             # the blocks under MMAP_THRESHOLD that the run freed in the worker threads' heaps: a CI run
             # under load once kept +122 MB of them after two pairs of long sentences (tests/test_piper_memory.py)
             if _libc is not None:
                 _libc.malloc_trim(0)
-
-    def _short_feed(self, feed):
-        """The feed cut to its first SWEEP_PHONEMES phoneme ids (scales and speaker kept)."""
-        ids = feed["input"][:, :self.SWEEP_PHONEMES]
-        return {**feed, "input": ids, "input_lengths": np.array([ids.shape[1]], dtype=np.int64)}
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -264,7 +228,7 @@ class PiperEngine:
             with open(config_path, "r", encoding="utf-8") as f:
                 config = PiperConfig.from_dict(json.load(f))
             opts = ort.SessionOptions()
-            opts.enable_cpu_mem_arena = True     # kept, but shrunk after each run: _ArenaReturningSession
+            opts.enable_cpu_mem_arena = False    # see _TrimmingSession
             if threads:
                 opts.intra_op_num_threads = int(threads)
                 opts.inter_op_num_threads = 1
@@ -272,7 +236,7 @@ class PiperEngine:
         except Exception as e:
             raise CheckpointError(f"cannot load Piper voice {model_path}: {e}") from e
         _large_blocks_to_mmap()
-        pv = PiperVoice(session=_ArenaReturningSession(session, ort), config=config)
+        pv = PiperVoice(session=_TrimmingSession(session), config=config)
         if info is None:
             # custom voice: id from the file name ("en_US-amy-low" -> "amy"), language from espeak
             parts = model_id.split("-")
