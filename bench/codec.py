@@ -41,8 +41,7 @@ def tame(codec) -> None:
 
     d = codec.decoder
     with torch.inference_mode():
-        acts = [d.act_out] + [b.act for b in d.blocks] + [a for b in d.blocks for u in b.units for a in (u.act1, u.act2)]
-        for act in acts:
+        for act in d.activations():
             act.alpha.fill_(1.0)
             act.inv_beta.fill_(1.0)
         for b in d.blocks:

@@ -83,12 +83,11 @@ def test_an_int8_engine_decodes_with_the_fused_snake(tiny_checkpoint):
     from makima_tts.engine.qwen3 import Qwen3Engine
 
     eng = Qwen3Engine.load(tiny_checkpoint, quantize="int8", weights_cache=None, codec_dtype="float32")
-    dec = eng.codec.decoder
-    acts = [dec.act_out] + [b.act for b in dec.blocks]
-    assert all(a.op is not None for a in acts)
+    acts = eng.codec.decoder.activations()
+    assert len(acts) > 1 and all(a.op is not None for a in acts)
     codes = torch.randint(0, 2048, (6, 16))
     fused = eng.codec.decode(codes)
-    for a in acts + [u for b in dec.blocks for unit in b.units for u in (unit.act1, unit.act2)]:
+    for a in acts:
         a.op = None
     plain = eng.codec.decode(codes)
     assert fused.shape == plain.shape and np.isfinite(fused).all()

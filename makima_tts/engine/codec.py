@@ -638,6 +638,11 @@ class CodecDecoder:
         self.slot_shapes = slots.shapes
         self.dtype, self.device = self.proj_first.dtype, self.proj_first.device
 
+    def activations(self) -> list["_SnakeBeta"]:
+        """Every SnakeBeta of the decoder: each upsampling block's, its residual units' two, the output's."""
+        return [self.act_out] + [a for block in self.blocks
+                                 for a in [block.act] + [u for unit in block.units for u in (unit.act1, unit.act2)]]
+
     def new_state(self, batch: int = 1) -> DecoderState:
         conv = [torch.zeros(batch, c, k, dtype=self.dtype, device=self.device) for c, k in self.slot_shapes]
         n = len(self.layers)
@@ -771,9 +776,7 @@ class Codec:
     def use_fused_ops(self, snake: Callable[[Tensor, Tensor, Tensor], Tensor]) -> int:
         """Give every SnakeBeta of the decoder a fused implementation (the int8 extension's `snake`,
         see _SnakeBeta); -> how many."""
-        dec = self.decoder
-        acts = [dec.act_out] + [a for block in dec.blocks
-                                for a in [block.act] + [u for unit in block.units for u in (unit.act1, unit.act2)]]
+        acts = self.decoder.activations()
         for act in acts:
             act.op = snake
         return len(acts)

@@ -222,7 +222,8 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.tiles = prompts and use_tiles(out_features, in_features, self.bits)     # else the group order
         self._op = ext.int8_linear_tiles if self.tiles else ext.int8_linear
-        self._dequantize, self._pack = (ext.dequantize_tiles if self.tiles else ext.dequantize), 2
+        self._dequantize = (ext.dequantize_tiles if self.tiles else
+                            lambda q, sc, out: ext.dequantize(q, sc, 2, out))          # 2: weights a pair
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prompts: bool = False) -> "Int8Linear":
@@ -241,9 +242,7 @@ class Int8Linear(nn.Module):
         """The float32 weight (out_features, in_features) these int8 values and scales stand for (into
         `out`, float32 or bfloat16: then rounded to nearest even)."""
         out = torch.empty(self.out_features, self.in_features) if out is None else out
-        if self.tiles:
-            return self._dequantize(self.qweight, self.scales, out)
-        return self._dequantize(self.qweight, self.scales, self._pack, out)
+        return self._dequantize(self.qweight, self.scales, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

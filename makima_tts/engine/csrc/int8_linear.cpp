@@ -92,6 +92,15 @@ static void general(const float* xp, const void* wp, const float* sp, float* op,
     });
 }
 
+static inline void to_bf16(const float* src, at::BFloat16* dst, int64_t K) {   // round to nearest even
+    int64_t k = 0;
+#if defined(__AVX512BF16__)
+    for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256((__m256i*)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+#endif
+    for (; k < K; ++k) dst[k] = at::BFloat16(src[k]);
+}
+
 torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Tensor out) {
     // -> out: float32 or bfloat16 (N, K), natural order (a caller-kept buffer: fresh pages fault slowly in
     // a VM). bfloat16: each float32 weight rounded to nearest even, for a bfloat16 matrix product (AMX).
@@ -123,15 +132,7 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor s, int64_t P, torch::Ten
             const float* sr = sp + n * nb;
             for (int64_t b = 0; b < nb; ++b)
                 for (int t = 0; t < 32; ++t) orow[b * 32 + t] = float(nat[b * 32 + t]) * sr[b];
-            if (bf16) {
-                at::BFloat16* brow = bp + n * K;
-                int64_t k = 0;
-#if defined(__AVX512BF16__)
-                for (; k + 16 <= K; k += 16)
-                    _mm256_storeu_si256((__m256i*)(brow + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(orow + k)));
-#endif
-                for (; k < K; ++k) brow[k] = at::BFloat16(orow[k]);     // round to nearest even
-            }
+            if (bf16) to_bf16(orow, bp + n * K, K);
         }
     });
     return out;
@@ -314,15 +315,6 @@ std::vector<torch::Tensor> to_tiles(torch::Tensor w, torch::Tensor s) { return r
 
 std::vector<torch::Tensor> from_tiles(torch::Tensor qt, torch::Tensor st) { return reorder_tiles(qt, st, false); }
 
-static inline void to_bf16(const float* src, at::BFloat16* dst, int64_t K) {   // round to nearest even
-    int64_t k = 0;
-#if defined(__AVX512BF16__)
-    for (; k + 16 <= K; k += 16)
-        _mm256_storeu_si256((__m256i*)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
-#endif
-    for (; k < K; ++k) dst[k] = at::BFloat16(src[k]);
-}
-
 torch::Tensor dequantize_tiles(torch::Tensor qt, torch::Tensor st, torch::Tensor out) {
     // dequantize for weights in the tile order -> out float32 or bfloat16 (N, K), natural order: the
     // same values as dequantize gives for the group order (a prompt's many rows: a bfloat16 matrix product)
@@ -413,9 +405,7 @@ static void tiles_vnni(const int16_t* xq, const float* xs, const int8_t* qp, con
 #endif
 
 #ifdef MAKIMA_AMX
-static int64_t AMX_MIN_ROWS = 8;       // fewer rows: the VNNI loop (a tile product costs the same for 1 row as for 16)
-
-void set_amx_min_rows(int64_t rows) { AMX_MIN_ROWS = rows; }
+constexpr int64_t AMX_MIN_ROWS = 8;    // fewer rows: the VNNI loop (a tile product costs the same for 1 row as for 16)
 
 struct TileConfig {
     uint8_t palette = 1, start = 0, reserved[14] = {};
@@ -816,9 +806,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack4", &pack4, "int8 weights (stored order, -8..7) -> int4, two a byte");
     m.def("permute_k", &permute_k, "int8 weights in natural order -> the kernel's stored order");
     m.def("amx_int8", &amx_int8, "whether AMX tiles run here (compiled for them, and Linux granted the tile state)");
-#ifdef MAKIMA_AMX
-    m.def("set_amx_min_rows", &set_amx_min_rows, "from how many rows int8_linear_tiles uses AMX");
-#endif
     m.def("tiles_supported", &tiles_supported, "whether int8_linear_tiles runs here (AVX-512 VNNI)");
     m.def("amx_bf16", &amx_bf16, "whether int8_linear_tiles_bf16 runs here (AMX bfloat16 tiles)");
     m.def("int8_linear_tiles_bf16", &int8_linear_tiles_bf16, "many rows, weights in the tile order: AMX bfloat16 tiles");
