@@ -1,5 +1,6 @@
-"""The codec decoder's causal convolutions, as computed (matrix products over input windows, the transposed
-ones in polyphase form), against torch's own conv1d / conv_transpose1d, fed in pieces as a stream is."""
+"""The codec decoder's causal convolutions, as computed (channels last: oneDNN's convolution over a
+channels-last view, matrix products over input windows, the transposed ones in polyphase form), against
+torch's own conv1d / conv_transpose1d over channels-first inputs, fed in pieces as a stream is."""
 from __future__ import annotations
 
 import pytest
@@ -12,13 +13,15 @@ from makima_tts.engine.weights import Weights
 
 
 def streamed(layer, slots, x, pieces):
-    """The layer's output over x fed in pieces, from a zero state (what a fresh stream has)."""
-    state = DecoderState([torch.zeros(x.shape[0], c, n, dtype=x.dtype) for c, n in slots.shapes], [], [], [0])
+    """The layer's output over x (B, C, L) fed channels last in pieces, from a zero state (what a fresh
+    stream has), back in channels-first order (B, C_out, L_out)."""
+    state = DecoderState([torch.zeros(x.shape[0], n, c, dtype=x.dtype) for c, n in slots.shapes], [], [], [0])
+    xl = x.transpose(1, 2).contiguous()
     out, start = [], 0
     for n in pieces:
-        out.append(layer(x[..., start:start + n], state))
+        out.append(layer(xl[:, start:start + n], state))
         start += n
-    return torch.cat(out, dim=-1)
+    return torch.cat(out, dim=1).transpose(1, 2)
 
 
 @pytest.mark.parametrize("c_in,c_out,k,stride", [(16, 8, 16, 8), (12, 6, 10, 5), (8, 8, 2, 2), (6, 4, 7, 3)])
@@ -43,26 +46,42 @@ def test_causal_conv_equals_torchs(c_in, k, dilation):
     w, b = torch.randn(5, c_in, k, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     slots = _Slots()
     layer = _CausalConv(Weights({"conv.weight": w, "conv.bias": b}, "test"), slots, dilation=dilation)
+    codec._cast(layer, torch.float64)           # what Codec.load does to its decoder: the weights rearranged
     assert layer.pointwise == (k == 1) and layer.as_matmul == (c_in >= codec.MATMUL_MIN_CHANNELS and k > 1)
     x = torch.randn(2, c_in, 11, dtype=torch.float64)
     full = F.conv1d(F.pad(x, ((k - 1) * dilation, 0)), w, b, dilation=dilation)
     assert torch.allclose(streamed(layer, slots, x, [3, 1, 7]), full, atol=1e-10)
+    codec._cast(layer, torch.bfloat16)          # cast again (bench.codec copies a decoder to bfloat16): still right
+    got = streamed(layer, slots, x.bfloat16(), [11]).double()
+    assert float((got - full).abs().max()) < 0.05 * float(full.abs().max())
+
+
+def test_depthwise_conv_equals_torchs():
+    """The ConvNeXt's depthwise causal conv (groups = channels), on the channels-last convolution."""
+    torch.manual_seed(0)
+    w, b = torch.randn(6, 1, 7, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    slots = _Slots()
+    layer = _CausalConv(Weights({"conv.weight": w, "conv.bias": b}, "test"), slots, groups=6)
+    codec._cast(layer, torch.float64)
+    x = torch.randn(2, 6, 10, dtype=torch.float64)
+    full = F.conv1d(F.pad(x, (6, 0)), w, b, groups=6)
+    assert torch.allclose(streamed(layer, slots, x, [4, 6]), full, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_snake_is_the_formula_rounded_once(dtype):
     """The extension's SnakeBeta: x + inv_beta * sin(x * alpha)^2 computed in float32 and rounded once, over
-    arguments up to |x * alpha| ~ 100 (the reduction to [-pi/2, pi/2]); rows longer and shorter than a vector."""
+    arguments up to |x * alpha| ~ 100 (the reduction to [-pi/2, pi/2]); channels last, a channel's alpha per column."""
     from makima_tts.engine import quant
 
     ext = quant.kernel()
     if ext is None:
         pytest.fail(f"the int8 extension does not build here: {quant.kernel_error()}")
     torch.manual_seed(0)
-    for length in (37, 640):
-        x = (torch.randn(3, 24, length) * 8).to(dtype)
-        alpha = (torch.rand(1, 24, 1) * 4 + 0.1).to(dtype)
-        inv_beta = (torch.rand(1, 24, 1) * 2 + 0.1).to(dtype)
+    for channels in (24, 96):               # channels last: 24 ends with a partial vector
+        x = (torch.randn(3, 37, channels) * 8).to(dtype)
+        alpha = (torch.rand(channels) * 4 + 0.1).to(dtype)
+        inv_beta = (torch.rand(channels) * 2 + 0.1).to(dtype)
         exact = x.double() + inv_beta.double() * torch.sin(x.double() * alpha.double()) ** 2
         got = ext.snake(x, alpha, inv_beta)
         assert got.dtype == dtype and got.shape == x.shape

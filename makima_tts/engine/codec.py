@@ -322,7 +322,7 @@ class DecoderState:
     of several streams): each row's keys are the last min(frames, window - 1) of its layer's key
     tensor, the slots to their left are padding that attention never sees."""
 
-    conv: list[Tensor]                       # per conv slot: last input samples (B, C_in, context)
+    conv: list[Tensor]                       # per conv slot: last input samples (B, context, C_in)
     keys: list[Optional[Tensor]]             # per transformer layer: (B, H_kv, <= window - 1, Dh)
     values: list[Optional[Tensor]]
     frames: list[int]                        # per row: frames consumed so far (= next RoPE position)
@@ -377,58 +377,70 @@ class _Slots:
         return len(self.shapes) - 1
 
 
-# A dense conv with at least this many input channels runs as one matrix product over its input windows:
-# torch's CPU conv1d reorders its weight on every call, which for the decoder's wide layers costs more than
-# the arithmetic (bfloat16, one thread: 1024 -> 1536, kernel 7, 4 frames: 12.4 ms as a conv, 2.1 ms as a
-# matrix product; 768 wide: 4.9 against 1.6 ms). Narrow layers over long inputs stay convolutions (as fast or faster).
+# The decoder's convolutions work on channels-last activations (B, n, C): a pointwise conv is then one
+# matrix product over the rows as they lie, a transposed conv's output needs no reordering, and torch's
+# conv2d over a (B, C, 1, n) channels-last view runs oneDNN's direct convolution without copies (2-3x
+# faster in bfloat16 than conv1d over (B, C, n), which reorders its input and output).
+# A dense conv with at least this many input channels runs as one matrix product over its input windows
+# instead: the decoder's wide layers see few rows (a few frames of a few streams), where the convolution's
+# per-call set-up costs more than the arithmetic (bfloat16, 2 threads, 8 streams x 4 frames: 1024 -> 1536,
+# kernel 7, 2.2 ms as a matrix product against 13.7 ms; 768 wide: 3.1 against 6.4 ms). Narrow layers over
+# long inputs stay convolutions (2-25x faster there).
 MATMUL_MIN_CHANNELS = 512
 
 
 class _CausalConv:
-    """Stride-1 causal conv1d; its left context comes from the state instead of zero padding."""
+    """Stride-1 causal conv1d over channels-last (B, n, C_in); its left context comes from the state
+    instead of zero padding."""
 
     def __init__(self, w: Weights, slots: _Slots, dilation: int = 1, groups: int = 1):
+        # as stored until the decoder is cast (`_cast` calls `_after_cast`): rearranged once, in its final dtype
         self.weight, self.bias = w["conv.weight"], w.opt("conv.bias")      # (C_out, C_in/groups, K)
         c_group, self.k = self.weight.shape[1:]
         self.dilation, self.groups = dilation, groups
         self.context = (self.k - 1) * dilation
         c_in = c_group * groups
-        # pointwise (kernel 1): one matrix product over the (B, C_in, n) input as it lies, any width (2-2.5x
-        # faster than conv1d in bfloat16 at the decoder's 96-384 channels over 4 frames of 8 streams)
         self.pointwise = groups == 1 and self.k == 1
         self.as_matmul = groups == 1 and c_in >= MATMUL_MIN_CHANNELS and not self.pointwise
         self.slot = slots.take(c_in, self.context) if self.context else -1
 
-    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n)
+    def _after_cast(self) -> None:
+        if self.weight.dim() != 3:      # cast again (a copy of a loaded decoder to another dtype): rearranged already
+            return
+        if self.pointwise:              # (C_out, C_in)
+            self.weight = self.weight[:, :, 0].contiguous()
+        else:                           # (C_out, C_in / groups, 1, K), channels last: in memory (C_out, K, C_in / groups)
+            self.weight = self.weight[:, :, None, :].contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, n, C_in) -> (B, n, C_out)
+        assert self.weight.dim() != 3, "the decoder was not cast (Codec.load does it)"
         if self.pointwise:
-            y = torch.matmul(self.weight[:, :, 0], x)
-            return y if self.bias is None else y + self.bias[:, None]
+            return F.linear(x, self.weight, self.bias)
         if self.context:
-            x = torch.cat([state.conv[self.slot], x], dim=-1)
-            state.conv[self.slot] = x[..., -self.context:].clone()
-        if not self.as_matmul:
-            return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
-        b, c_in, length = x.shape
-        n = length - self.context
-        windows = x.unfold(2, self.context + 1, 1)                         # (B, C_in, n, context + 1)
-        if self.dilation > 1:
-            windows = windows[..., ::self.dilation]
-        # [b, i, c * K + t] = input i - context + t * dilation of channel c: the weight's own layout
-        windows = windows.permute(0, 2, 1, 3).reshape(b, n, c_in * self.k)
-        weight = self.weight.view(self.weight.shape[0], c_in * self.k)
-        return F.linear(windows, weight, self.bias).transpose(1, 2).contiguous()
+            x = torch.cat([state.conv[self.slot], x], dim=1)
+            state.conv[self.slot] = x[:, -self.context:].clone()
+        n = x.shape[1] - self.context
+        if self.as_matmul:
+            # [b, i, t * C_in + c] = input i - context + t * dilation of channel c: the weight's layout in memory
+            d = self.dilation
+            windows = torch.cat([x[:, t * d:t * d + n] for t in range(self.k)], dim=-1)
+            return F.linear(windows, self.weight.permute(0, 2, 3, 1).reshape(self.weight.shape[0], -1), self.bias)
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight, self.bias, dilation=(1, self.dilation),
+                     groups=self.groups)                                 # (B, C_out, 1, n), channels last
+        return y.squeeze(2).transpose(1, 2).contiguous()
 
 
 class _CausalTransposedConv:
-    """ConvTranspose1d(kernel K, stride S) with the right (K - S) samples trimmed: output block i
-    (S samples) depends on inputs i, i-1, ... down to i - (K - 1) // S, taken from the state.
+    """ConvTranspose1d(kernel K, stride S) with the right (K - S) samples trimmed, over channels-last
+    (B, n, C_in): output block i (S samples) depends on inputs i, i-1, ... down to i - (K - 1) // S,
+    taken from the state.
 
     Computed in polyphase form: block i is one matrix product of the m = ceil(K / S) inputs i - m + 1, ..,
-    i (concatenated, m * C_in values) with an (m * C_in, C_out * S) weight, whose column c * S + s
-    gives sample s of channel c. The same products as the transposed convolution, only for the new blocks,
-    and on torch's matrix product: its conv_transpose1d (and conv1d, which reorders the weight on every
-    call) took 30-90 ms in bfloat16 on the CPU for the 1536 -> 768 upsampler on one frame, the matrix
-    product 3 ms."""
+    i (concatenated, m * C_in values) with an (m * C_in, S * C_out) weight, whose column s * C_out + c
+    gives sample s of channel c: the product's rows are the output samples, channels last, as they lie.
+    The same products as the transposed convolution, only for the new blocks, and on torch's matrix
+    product: its conv_transpose1d took 30-90 ms in bfloat16 on the CPU for the 1536 -> 768 upsampler on
+    one frame, the matrix product 3 ms."""
 
     def __init__(self, w: Weights, slots: _Slots, stride: int):
         # as stored until the decoder is cast (`_cast` calls `_after_cast`): rearranged once, in its final dtype
@@ -445,30 +457,30 @@ class _CausalTransposedConv:
         c_in, c_out, k = self.weight.shape
         m, stride = self.taps, self.stride
         w = self.weight if k == m * stride else F.pad(self.weight, (0, m * stride - k))
-        # [p * C_in + c_in, c * S + s] = W[c_in, c, (m - 1 - p) * S + s]: window position p holds input
-        # i - (m - 1) + p of block i, which tap m - 1 - p multiplies (runs of S contiguous values are copied:
-        # a cheap rearrangement at load; the taps reversed here, so the windows are taken as they lie)
-        self.weight = (w.view(c_in, c_out, m, stride).flip(2).permute(2, 0, 1, 3)
-                       .reshape(m * c_in, c_out * stride).contiguous())
-        self.bias = None if self.bias is None else self.bias.repeat_interleave(stride).contiguous()
+        # [p * C_in + c_in, s * C_out + c] = W[c_in, c, (m - 1 - p) * S + s]: window position p holds input
+        # i - (m - 1) + p of block i, which tap m - 1 - p multiplies (the taps reversed here, so the windows
+        # are taken as they lie)
+        self.weight = (w.view(c_in, c_out, m, stride).flip(2).permute(2, 0, 3, 1)
+                       .reshape(m * c_in, stride * c_out).contiguous())
+        self.bias = None if self.bias is None else self.bias.repeat(stride).contiguous()
         self.polyphase = True
 
-    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C_in, n) -> (B, C_out, n * S)
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, n, C_in) -> (B, n * S, C_out)
         assert self.polyphase, "the decoder was not cast (Codec.load does it)"
-        b, c_in, n = x.shape
+        b, n, _ = x.shape
         if self.context:
-            x = torch.cat([state.conv[self.slot], x], dim=-1)
-            state.conv[self.slot] = x[..., -self.context:].clone()
+            x = torch.cat([state.conv[self.slot], x], dim=1)
+            state.conv[self.slot] = x[:, -self.context:].clone()
         # [b, i, p * C_in + c] = input i - (taps - 1) + p of channel c
-        windows = x.unfold(2, self.taps, 1).permute(0, 2, 3, 1).reshape(b, n, self.taps * c_in)
-        y = torch.matmul(windows, self.weight)                               # (B, n, C_out * S)
+        windows = x if self.taps == 1 else torch.cat([x[:, p:p + n] for p in range(self.taps)], dim=-1)
+        y = torch.matmul(windows, self.weight)                               # (B, n, S * C_out)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(b, n, self.c_out, self.stride).permute(0, 2, 1, 3).reshape(b, self.c_out, n * self.stride)
+        return y.view(b, n * self.stride, self.c_out)
 
 
 class _SnakeBeta:
-    """x + sin(x * e^alpha)^2 / (e^beta + 1e-9), per channel.
+    """x + sin(x * e^alpha)^2 / (e^beta + 1e-9), per channel (the last dimension).
 
     `op`: a fused implementation (x, alpha, inv_beta) -> y in float32 with one rounding (the int8
     extension's `snake`, set by `Codec.use_fused_ops`): 5x faster than torch's five bfloat16 ops,
@@ -477,8 +489,8 @@ class _SnakeBeta:
     op: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None
 
     def __init__(self, w: Weights):
-        self.alpha = w["alpha"].float().exp()[None, :, None]                   # (1, C, 1)
-        self.inv_beta = (1.0 / (w["beta"].float().exp() + 1e-9))[None, :, None]
+        self.alpha = w["alpha"].float().exp()                                  # (C,)
+        self.inv_beta = 1.0 / (w["beta"].float().exp() + 1e-9)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.op is not None and x.device.type == "cpu":
@@ -496,11 +508,10 @@ class _ConvNeXt:
         self.pw2 = (w["pwconv2.weight"], w["pwconv2.bias"])
         self.gamma = w["gamma"]
 
-    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, C, n)
-        h = self.dwconv(x, state).transpose(1, 2)                          # (B, n, C)
-        h = F.layer_norm(h, (h.shape[-1],), *self.norm, eps=1e-6)
+    def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, n, C)
+        h = F.layer_norm(self.dwconv(x, state), (x.shape[-1],), *self.norm, eps=1e-6)
         h = F.linear(F.gelu(F.linear(h, *self.pw1)), *self.pw2)
-        return x + (self.gamma * h).transpose(1, 2)
+        return x + self.gamma * h
 
 
 class _ResidualUnit:
@@ -644,34 +655,34 @@ class CodecDecoder:
                                  for a in [block.act] + [u for unit in block.units for u in (unit.act1, unit.act2)]]
 
     def new_state(self, batch: int = 1) -> DecoderState:
-        conv = [torch.zeros(batch, c, k, dtype=self.dtype, device=self.device) for c, k in self.slot_shapes]
+        conv = [torch.zeros(batch, k, c, dtype=self.dtype, device=self.device) for c, k in self.slot_shapes]
         n = len(self.layers)
         return DecoderState(conv, [None] * n, [None] * n, [0] * batch)
 
     def embed(self, codes: Tensor) -> Tensor:
-        """codes (B, n, Q) -> (B, D, n): sum of the codebook vectors, projected."""
+        """codes (B, n, Q) -> (B, n, D): sum of the codebook vectors, projected."""
         first = F.embedding(codes[..., 0], self.codebooks[0])                         # (B, n, D/2)
         q = torch.arange(1, codes.shape[-1], device=codes.device)
         rest = self.rest_codebooks[q - 1, codes[..., 1:]].sum(dim=2)                 # (B, n, D/2)
-        return (F.linear(first, self.proj_first) + F.linear(rest, self.proj_rest)).transpose(1, 2)
+        return F.linear(first, self.proj_first) + F.linear(rest, self.proj_rest)
 
     def __call__(self, codes: Tensor, state: DecoderState) -> Tensor:
         n = codes.shape[1]
-        x = self.pre_conv(self.embed(codes), state)                                  # (B, latent, n)
-        x = F.linear(x.transpose(1, 2), *self.input_proj)                             # (B, n, hidden)
+        # channels last throughout: (B, samples, channels)
+        x = self.pre_conv(self.embed(codes), state)                                  # (B, n, latent)
+        x = F.linear(x, *self.input_proj)                                             # (B, n, hidden)
         cos, sin = self._rope(state.frames, n, x.dtype, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, state, i)
-        x = F.linear(rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), *self.output_proj)
-        x = x.transpose(1, 2)                                                         # (B, latent, n)
+        x = F.linear(rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), *self.output_proj)   # (B, n, latent)
         for up, convnext in self.upsample:
-            x = convnext(up(x, state), state)                                         # (B, latent, 4n)
-        x = self.conv_in(x, state)                                                    # (B, decoder_dim, 4n)
+            x = convnext(up(x, state), state)                                         # (B, 4n, latent)
+        x = self.conv_in(x, state)                                                    # (B, 4n, decoder_dim)
         for block in self.blocks:
-            x = block(x, state)                                                       # channels / 2, x rate
-        wav = self.conv_out(self.act_out(x), state)                                   # (B, 1, 1920n)
+            x = block(x, state)                                                       # x rate, channels / 2
+        wav = self.conv_out(self.act_out(x), state)                                   # (B, 1920n, 1)
         state.frames = [f + n for f in state.frames]
-        return wav[:, 0].clamp(-1.0, 1.0)
+        return wav[..., 0].clamp(-1.0, 1.0)
 
     def _rope(self, frames: list[int], n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin for n new frames of each row: (n, Dh) when the rows share their position, else (B, 1, n, Dh)."""

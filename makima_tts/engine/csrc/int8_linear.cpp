@@ -612,7 +612,7 @@ torch::Tensor int8_linear_tiles_bf16(torch::Tensor x, torch::Tensor qt, torch::T
     return out;
 }
 
-// The codec's SnakeBeta activation, fused: y = x + inv_beta[c] * sin(x * alpha[c])^2 for x (B, C, L) in
+// The codec's SnakeBeta activation, fused: y = x + inv_beta[c] * sin(x * alpha[c])^2 for x (..., C) in
 // float32 or bfloat16, computed in float32 with one rounding at the end (torch's five ops round to
 // bfloat16 after each and make four temporaries). sin^2 has period pi, so the argument is reduced to
 // r in [-pi/2, pi/2] (two-constant Cody-Waite) and sin(r) is its Taylor polynomial to r^11 (error < 6e-8).
@@ -656,8 +656,9 @@ static inline uint16_t float_to_bf16(float f) {        // round to nearest even 
 }
 
 torch::Tensor snake(torch::Tensor x, torch::Tensor alpha, torch::Tensor inv_beta) {
-    TORCH_CHECK(x.dim() == 3 && (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16));
-    const int64_t B = x.size(0), C = x.size(1), L = x.size(2);
+    // x (..., C), channels last: rows of C channels, each channel with its own alpha and inv_beta
+    TORCH_CHECK(x.dim() >= 1 && (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16));
+    const int64_t C = x.size(-1), R = C ? x.numel() / C : 0;
     auto xc = x.contiguous();
     auto a = alpha.reshape({-1}).to(torch::kFloat32).contiguous(), ib = inv_beta.reshape({-1}).to(torch::kFloat32).contiguous();
     TORCH_CHECK(a.numel() == C && ib.numel() == C);
@@ -665,42 +666,40 @@ torch::Tensor snake(torch::Tensor x, torch::Tensor alpha, torch::Tensor inv_beta
     const float* ap = a.data_ptr<float>();
     const float* bp = ib.data_ptr<float>();
     const bool bf16 = x.dtype() == torch::kBFloat16;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1));
-    at::parallel_for(0, B * C, grain, [&](int64_t r0, int64_t r1) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
         for (int64_t row = r0; row < r1; ++row) {
-            const float al = ap[row % C], be = bp[row % C];
             if (bf16) {
-                const uint16_t* src = (const uint16_t*)xc.data_ptr<at::BFloat16>() + row * L;
-                uint16_t* dst = (uint16_t*)out.data_ptr<at::BFloat16>() + row * L;
-                int64_t l = 0;
+                const uint16_t* src = (const uint16_t*)xc.data_ptr<at::BFloat16>() + row * C;
+                uint16_t* dst = (uint16_t*)out.data_ptr<at::BFloat16>() + row * C;
+                int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-                const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be);
-                for (; l + 16 <= L; l += 16) {
+                for (; c + 16 <= C; c += 16) {
                     const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + l))), 16));
-                    const __m512 y = _mm512_fmadd_ps(vb, sin2_16(_mm512_mul_ps(v, va)), v);
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + c))), 16));
+                    const __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(bp + c), sin2_16(_mm512_mul_ps(v, _mm512_loadu_ps(ap + c))), v);
                     const __m512i u = _mm512_castps_si512(y);         // round to nearest even
                     const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))), 16);
-                    _mm256_storeu_si256((__m256i*)(dst + l), _mm512_cvtepi32_epi16(r));
+                    _mm256_storeu_si256((__m256i*)(dst + c), _mm512_cvtepi32_epi16(r));
                 }
 #endif
-                for (; l < L; ++l) {
-                    const float v = bf16_to_float(src[l]);
-                    dst[l] = float_to_bf16(v + be * sin2(v * al));
+                for (; c < C; ++c) {
+                    const float v = bf16_to_float(src[c]);
+                    dst[c] = float_to_bf16(v + bp[c] * sin2(v * ap[c]));
                 }
             } else {
-                const float* src = xc.data_ptr<float>() + row * L;
-                float* dst = out.data_ptr<float>() + row * L;
-                int64_t l = 0;
+                const float* src = xc.data_ptr<float>() + row * C;
+                float* dst = out.data_ptr<float>() + row * C;
+                int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-                const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be);
-                for (; l + 16 <= L; l += 16) {
-                    const __m512 v = _mm512_loadu_ps(src + l);
-                    _mm512_storeu_ps(dst + l, _mm512_fmadd_ps(vb, sin2_16(_mm512_mul_ps(v, va)), v));
+                for (; c + 16 <= C; c += 16) {
+                    const __m512 v = _mm512_loadu_ps(src + c);
+                    _mm512_storeu_ps(dst + c, _mm512_fmadd_ps(_mm512_loadu_ps(bp + c),
+                                                              sin2_16(_mm512_mul_ps(v, _mm512_loadu_ps(ap + c))), v));
                 }
 #endif
-                for (; l < L; ++l) dst[l] = src[l] + be * sin2(src[l] * al);
+                for (; c < C; ++c) dst[c] = src[c] + bp[c] * sin2(src[c] * ap[c]);
             }
         }
     });
