@@ -260,11 +260,15 @@ def test_built_extension_is_imported_directly_an_unfinished_one_is_not(tmp_path)
 
 
 def test_kernel_attention_matches_torch(qengine):
-    """The int8 path's attention does its q/k norms, RoPE and cache write in one C++ call: the same
-    hidden states and cache contents as torch's ops (rows at different positions, a prefill then a step)."""
-    from makima_tts.engine.model import Attention, RMSNorm
+    """The int8 path's attention does its q/k norms, RoPE and cache write in one C++ call, and a decode
+    step's attention (one query per row over its own keys) in another; its MLP does silu(gate) * up in one:
+    the same hidden states and cache contents as torch's ops (rows at different positions, a prefill then
+    a step)."""
+    from makima_tts.engine.model import MLP, Attention, RMSNorm
 
-    mods = [m for m in qengine.talker.modules() if isinstance(m, (Attention, RMSNorm))]
+    mods = [m for m in qengine.talker.modules() if isinstance(m, (Attention, RMSNorm, MLP))]
+    assert {type(m) for m in mods} == {Attention, RMSNorm, MLP}
+    assert all((m.attend is not None) == (qengine.quantize == "int8") for m in mods if isinstance(m, Attention))
     assert mods and all((m.kernel is not None) == (qengine.quantize == "int8") for m in mods)
     if qengine.quantize != "int8":
         return

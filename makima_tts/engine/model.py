@@ -142,7 +142,8 @@ class Step:
 
     rows: the cache rows of the batch (contiguous); positions (b, t): each token's position;
     cos/sin (b, 1, t, head_dim); mask (b, 1, t, top): key j is visible to a query at position p
-    when j <= p (None: every key [0, top) is visible to every query); top: keys [0, top) are read."""
+    when j <= p (None: every key [0, top) is visible to every query); top: keys [0, top) are read;
+    lengths (b,): each row's keys [0, position + 1) of its last token (what one query per row sees)."""
 
     rows: slice
     positions: torch.Tensor
@@ -150,15 +151,18 @@ class Step:
     sin: torch.Tensor
     mask: Optional[torch.Tensor]
     top: int
+    lengths: torch.Tensor
 
 
 class Attention(nn.Module):
     """GQA attention with q/k norms and RoPE; q, k, v are one fused projection (see `fuse_checkpoint`).
 
     `kernel`: one float32 op doing the q/k norms, RoPE and the cache write (the C++ extension's
-    qk_rope_cache, set on int8 models by `quant.use_kernel_ops`)."""
+    qk_rope_cache, set on int8 models by `quant.use_kernel_ops`); `attend`: the attention of one query
+    per row over its cached keys (decode_attention), used with it for decode steps."""
 
     kernel: Optional[Callable[..., torch.Tensor]] = None
+    attend: Optional[Callable[..., torch.Tensor]] = None
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -176,6 +180,8 @@ class Attention(nn.Module):
             q = self.kernel(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, step.cos,
                             step.sin, step.positions, cache.k, cache.v, step.rows.start, self.cfg.num_heads,
                             self.cfg.num_kv_heads)
+            if t == 1 and self.attend is not None:        # a decode step: one query per row
+                return self.o_proj(self.attend(q, cache.k, cache.v, step.rows.start, step.lengths))
             k_all, v_all = cache.k[step.rows, :, :step.top], cache.v[step.rows, :, :step.top]
         else:
             q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -190,7 +196,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU; gate and up are one fused projection (see `fuse_checkpoint`)."""
+    """SwiGLU; gate and up are one fused projection (see `fuse_checkpoint`). `kernel`: silu(gate) * up in
+    one float32 op (the extension's silu_mul, set on int8 models by `quant.use_kernel_ops`)."""
+
+    kernel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -198,7 +207,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        h = self.gate_up_proj(x)
+        if self.kernel is not None and h.dtype == torch.float32:
+            return self.down_proj(self.kernel(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -272,7 +284,7 @@ class Cache:
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         # else one position per row, every row's the last: all of [0, top) is visible, no mask (the same
         # attention without converting a mask in every layer: a lone stream's steps, the code predictor's)
-        return Step(rows=rows, positions=positions, cos=cos, sin=sin, mask=mask, top=top)
+        return Step(rows=rows, positions=positions, cos=cos, sin=sin, mask=mask, top=top, lengths=positions[:, -1] + 1)
 
 
 class Decoder(nn.Module):

@@ -328,9 +328,10 @@ def quantize_module(module: nn.Module, method: str = "int8") -> dict:
 
 
 def use_kernel_ops(module: nn.Module) -> None:
-    """Give every RMSNorm and Attention under `module` the extension's fused float32 ops (when it built):
-    the norm in one call, and the q/k norms + RoPE + cache write in one call."""
-    from .model import Attention, RMSNorm
+    """Give every RMSNorm, Attention and MLP under `module` the extension's fused float32 ops (when it
+    built): the norm in one call; the q/k norms + RoPE + cache write in one call, and a decode step's
+    attention in one more; silu(gate) * up in one call."""
+    from .model import MLP, Attention, RMSNorm
 
     ext = kernel()
     if ext is None:
@@ -339,4 +340,6 @@ def use_kernel_ops(module: nn.Module) -> None:
         if isinstance(m, RMSNorm):
             m.kernel = ext.rms_norm
         elif isinstance(m, Attention):
-            m.kernel = ext.qk_rope_cache
+            m.kernel, m.attend = ext.qk_rope_cache, ext.decode_attention
+        elif isinstance(m, MLP):
+            m.kernel = ext.silu_mul

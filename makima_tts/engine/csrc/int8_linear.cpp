@@ -797,7 +797,129 @@ torch::Tensor qk_rope_cache(torch::Tensor qkv, torch::Tensor qw, torch::Tensor k
     return q;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Float32 pieces of a decode step (one new position per row) around the int8 products: the SwiGLU
+// activation and the attention of one query per row over its cached keys. One call each, in place of
+// torch's small ops (silu, mul, chunk; scaled_dot_product_attention with its per-call set-up, which
+// for the code predictor's 2-17 keys cost far more than the arithmetic). Each row is computed alone,
+// in a fixed order, so a row's result does not depend on the rows beside it.
+
+#if defined(__AVX512F__)
+static inline __m512 exp16(__m512 x) {                  // e^x, relative error < 4e-7 (|x| <= 87)
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 5040), r, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+torch::Tensor silu_mul(torch::Tensor x) {
+    // x (..., 2 I) float32, gate then up (the fused projection's output) -> silu(gate) * up (..., I)
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.size(-1) % 2 == 0);
+    auto xc = x.contiguous();
+    const int64_t W = xc.size(-1), I = W / 2, R = xc.numel() / W;
+    auto sizes = xc.sizes().vec();
+    sizes.back() = I;
+    auto out = torch::empty(sizes, xc.options());
+    const float* xp = xc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, R * I, 16384, [&](int64_t i0, int64_t i1) {
+        int64_t i = i0;
+        while (i < i1) {
+            const int64_t r = i / I, c0 = i % I, c1 = std::min(I, c0 + (i1 - i));
+            const float* g = xp + r * W;
+            const float* u = g + I;
+            float* o = op + r * I;
+            int64_t c = c0;
+#if defined(__AVX512F__)
+            for (; c + 16 <= c1; c += 16) {
+                const __m512 gv = _mm512_loadu_ps(g + c);
+                const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                                 _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+                _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + c)));
+            }
+#endif
+            for (; c < c1; ++c) o[c] = g[c] / (1.f + std::exp(-g[c])) * u[c];
+            i += c1 - c0;
+        }
+    });
+    return out;
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t D) {
+    int64_t k = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; k + 16 <= D; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; k < D; ++k) s += a[k] * b[k];
+    return s;
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t row0,
+                               torch::Tensor lengths) {
+    // q (b, heads, 1, d) float32: one query per row; kc/vc (rows, kv_heads, length, d), the cache; row i of
+    // the batch is cache row row0 + i and sees its keys [0, lengths[i]) (scale 1 / sqrt(d), grouped heads:
+    // head h reads kv head h / (heads / kv_heads)) -> (b, 1, heads * d), as o_proj takes it
+    TORCH_CHECK(q.dtype() == torch::kFloat32 && kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32);
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && kc.is_contiguous() && vc.is_contiguous());
+    TORCH_CHECK(lengths.dtype() == torch::kLong && lengths.numel() == q.size(0));
+    auto qc = q.contiguous();
+    auto len = lengths.contiguous();
+    const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(3), KV = kc.size(1), L = kc.size(2);
+    TORCH_CHECK(kc.size(3) == D && H % KV == 0 && row0 >= 0 && row0 + B <= kc.size(0));
+    const int64_t* lp = len.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "attention length outside the cache");
+    auto out = torch::empty({B, 1, H * D}, qc.options());
+    const float* qp = qc.data_ptr<float>();
+    const float* kp = kc.data_ptr<float>();
+    const float* vp = vc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float scale = 1.f / std::sqrt(float(D));
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lp[b]);
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / (longest * D / 16 + 1)), [&](int64_t i0, int64_t i1) {
+        std::vector<float> w(longest);
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / H, h = i % H, n = lp[b];
+            const float* qr = qp + i * D;
+            const int64_t base = ((row0 + b) * KV + h / (H / KV)) * L * D;
+            float top = -INFINITY;
+            for (int64_t j = 0; j < n; ++j) {
+                w[j] = dot_f32(qr, kp + base + j * D, D) * scale;
+                top = std::max(top, w[j]);
+            }
+            float sum = 0.f;
+            for (int64_t j = 0; j < n; ++j) {
+                w[j] = std::exp(w[j] - top);
+                sum += w[j];
+            }
+            const float inv = 1.f / sum;
+            float* o = op + i * D;
+            std::fill(o, o + D, 0.f);
+            for (int64_t j = 0; j < n; ++j) {
+                const float pj = w[j] * inv;
+                const float* v = vp + base + j * D;
+                for (int64_t k = 0; k < D; ++k) o[k] += pj * v[k];
+            }
+        }
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("silu_mul", &silu_mul, "(..., 2 I) gate then up -> silu(gate) * up (..., I), float32");
+    m.def("decode_attention", &decode_attention, "one query per row over its cached keys [0, length): (b, 1, heads * d)");
     m.def("qk_rope_cache", &qk_rope_cache, "qkv -> q normed and rotated; k normed, rotated and v written to the cache");
     m.def("snake", &snake, "the codec's SnakeBeta: x + inv_beta * sin(x * alpha)^2, fused (float32 or bfloat16)");
     m.def("rms_norm", &rms_norm, "x (..., D) float32 -> RMS-normed times w (one pass per row)");
