@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .model import Talker
-from .sampling import apply_repetition_penalty, candidates, choose, draw
+from .sampling import apply_repetition_penalty, choose, sample
 from .types import CancelToken, GenerationStats, SamplingParams, VoicePrompt
 
 
@@ -402,7 +402,7 @@ class FrameGenerator:
     def _choose_codes(self, logits: torch.Tensor, codes: list, group: int, live: list[bool]) -> torch.Tensor:
         """Each row's code of codebook `group` from its own logits, settings and generator
         (all-greedy rows without a penalty: one argmax; rows sampled with the same settings and no
-        penalty: one candidates pass, then a draw each; rows not live draw nothing)."""
+        penalty: one sampling call, a draw each; rows not live draw nothing)."""
         rows = self.rows
         if all(not r.predictor_params.do_sample and r.predictor_params.repetition_penalty == 1.0 for r in rows):
             return logits.float().argmax(dim=-1)
@@ -422,8 +422,7 @@ class FrameGenerator:
                 row_logits = apply_repetition_penalty(row_logits, prev, params.repetition_penalty)
             out[i] = choose(row_logits, params, r.generator)[0]
         for params, idx in alike.items():
-            probs, ids = candidates(logits[idx], params)
-            out[idx] = draw(probs, ids, [rows[i].generator for i in idx])
+            out[idx] = sample(logits[idx], params, [rows[i].generator for i in idx])
         return out
 
     def refill(self, row: Row) -> None:

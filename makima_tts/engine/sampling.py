@@ -52,9 +52,27 @@ def draw(probs: torch.Tensor, ids: Optional[torch.Tensor], generators: list[Opti
     return picks[:, 0] if ids is None else ids.gather(1, picks)[:, 0]
 
 
+def sample(logits: torch.Tensor, params: SamplingParams, generators: list[Optional[torch.Generator]]) -> torch.Tensor:
+    """Sampling rows' logits (b, v), all with `params`, row i with its own generator -> token ids (b,).
+
+    Where the int8 extension built, one C++ call does what `candidates` and `draw` do (the same
+    temperature, top-k and top-p) and draws by the inverse of the candidates' cumulative weights with
+    one uniform number per row from its generator: a row draws the same alone or in a batch. Otherwise
+    `candidates`, then `draw`."""
+    if params.temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling")
+    from .quant import kernel
+
+    ext = kernel()
+    if ext is None:
+        probs, ids = candidates(logits, params)
+        return draw(probs, ids, generators)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators])
+    return ext.sample_rows(logits, params.temperature, params.top_k or 0, params.top_p, u).to(logits.device)
+
+
 def choose(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits (b, v) -> token ids (b,). Greedy when params.do_sample is False."""
     if not params.do_sample:
         return logits.float().argmax(dim=-1)
-    probs, ids = candidates(logits, params)
-    return draw(probs, ids, [generator] * logits.shape[0])
+    return sample(logits, params, [generator] * logits.shape[0])

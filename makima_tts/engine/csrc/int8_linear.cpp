@@ -917,7 +917,88 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Sampling rows that share their settings, in one call (the code predictor draws 15 times a frame per
+// stream; torch's topk, softmax, top-p and multinomial ops cost ~0.4 ms a draw, mostly per-op set-up):
+// per row, logits / temperature, the top_k largest (largest first; ties by the smaller id; 0: all,
+// then sorted), their softmax, top-p (the smallest set of the largest whose probability reaches top_p,
+// the largest always kept: the candidates whose probabilities, summed from the smallest, stay at or
+// below 1 - top_p are dropped), and the draw: the first candidate, largest first, whose running sum of
+// weights passes u * their total, u in [0, 1) given per row (each row's own generator). A row's id
+// depends on its logits, the settings and its u only.
+torch::Tensor sample_rows(torch::Tensor logits, double temperature, int64_t top_k, double top_p, torch::Tensor u) {
+    TORCH_CHECK(logits.dim() == 2 && u.dim() == 1 && u.size(0) == logits.size(0) && temperature > 0);
+    auto x = logits.to(torch::kFloat32).contiguous();
+    auto uc = u.to(torch::kFloat32).contiguous();
+    const int64_t B = x.size(0), V = x.size(1);
+    TORCH_CHECK(V > 0);
+    const int64_t k = (top_k > 0 && top_k < V) ? top_k : V;
+    auto out = torch::empty({B}, torch::dtype(torch::kLong));
+    const float* xp = x.data_ptr<float>();
+    const float* up = uc.data_ptr<float>();
+    int64_t* op = out.data_ptr<int64_t>();
+    const float inv_t = float(1.0 / temperature);
+    at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+      std::vector<int64_t> idx(k < 256 ? k : V);
+      std::vector<float> val(k), w(k);
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* row = xp + b * V;
+        if (k < 256) {
+            // the k largest, kept sorted as the row is read (largest first; on ties the earlier id stays
+            // ahead): most values fall below the k-th at once
+            int64_t n = 0;
+            for (int64_t i = 0; i < V; ++i) {
+                const float v = row[i];
+                if (n == k && !(v > val[k - 1])) continue;
+                int64_t j = n < k ? n++ : k - 1;
+                while (j > 0 && v > val[j - 1]) {
+                    val[j] = val[j - 1];
+                    idx[j] = idx[j - 1];
+                    --j;
+                }
+                val[j] = v;
+                idx[j] = i;
+            }
+        } else {
+            for (int64_t i = 0; i < V; ++i) idx[i] = i;
+            auto larger = [row](int64_t a, int64_t c) { return row[a] > row[c] || (row[a] == row[c] && a < c); };
+            if (k < V) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), larger);
+            std::sort(idx.begin(), idx.begin() + k, larger);
+        }
+        const float top = row[idx[0]] * inv_t;
+        float sum = 0.f;
+        for (int64_t i = 0; i < k; ++i) {
+            w[i] = std::exp(row[idx[i]] * inv_t - top);
+            sum += w[i];
+        }
+        int64_t keep = k;
+        if (top_p < 1.0) {
+            const float limit = float(1.0 - top_p);
+            float small = 0.f;
+            while (keep > 1) {
+                small += w[keep - 1] / sum;
+                if (!(small <= limit)) break;
+                --keep;
+            }
+        }
+        float total = 0.f;
+        for (int64_t i = 0; i < keep; ++i) total += w[i];
+        const float target = up[b] * total;
+        int64_t pick = 0;
+        float run = 0.f;
+        for (int64_t i = 0; i < keep; ++i) {
+            if (w[i] > 0.f) pick = i;          // past every weight (rounding): the last with any
+            run += w[i];
+            if (run > target && w[i] > 0.f) break;
+        }
+        op[b] = idx[pick];
+      }
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("sample_rows", &sample_rows, "rows with the same settings: temperature, top-k, top-p, a draw with u (b,) each");
     m.def("silu_mul", &silu_mul, "(..., 2 I) gate then up -> silu(gate) * up (..., I), float32");
     m.def("decode_attention", &decode_attention, "one query per row over its cached keys [0, length): (b, 1, heads * d)");
     m.def("qk_rope_cache", &qk_rope_cache, "qkv -> q normed and rotated; k normed, rotated and v written to the cache");
