@@ -297,3 +297,46 @@ def test_kernel_attention_matches_torch(qengine):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.equal(fused[2][1], torch.zeros_like(fused[2][1]))     # keys written in the rows used ...
     assert torch.equal(fused[2][0], torch.zeros_like(fused[2][0]))         # ... and only there
+
+
+@pytest.mark.parametrize("which", ["talker", "code_predictor"])
+def test_a_decode_step_through_every_layer_in_one_call_gives_the_same_bits(qengine, which):
+    """On int8 models a decode step's layers run in one C++ call (DecodeLayers): exactly the hidden states
+    and cache contents of the modules run one by one (rows at different positions, after a prefill)."""
+    talker = qengine.talker
+    model = talker.model if which == "talker" else talker.code_predictor.model
+    assert (model.fused_step is not None) == (qengine.quantize == "int8")
+    if qengine.quantize != "int8":
+        return
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 4, model.cfg.hidden_size), torch.randn(3, 1, model.cfg.hidden_size)
+    positions = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [1, 2, 3, 4]])
+
+    def run():
+        cache = model.new_cache(4, 16)
+        with torch.inference_mode():
+            model(x, positions, cache, slice(1, 4))
+            out = [model(y, positions[:, -1:] + 1, cache, slice(1, 4)), model(y * 2, positions[:, -1:] + 2, cache,
+                                                                               slice(1, 4))]
+        return out + [t.clone() for kv in cache.layers for t in (kv.k, kv.v)]
+
+    calls = []
+    fused = model.fused_step
+
+    class Counted:
+        max_rows = fused.max_rows
+
+        def __call__(self, *a):
+            calls.append(1)
+            return fused(*a)
+
+    model.fused_step = Counted()
+    try:
+        one_call = run()
+        assert len(calls) == 2                   # both decode steps took it (the prefill did not)
+        model.fused_step = None
+        by_module = run()
+    finally:
+        model.fused_step = fused
+    for a, b in zip(one_call, by_module):
+        assert torch.equal(a, b)

@@ -288,7 +288,13 @@ class Cache:
 
 
 class Decoder(nn.Module):
-    """Layers + final norm over input embeddings."""
+    """Layers + final norm over input embeddings.
+
+    `fused_step`: every layer of a decode step (one new position per row, float32, at most its
+    `max_rows` rows) in one call: (x, step, cache) -> x (the extension's decode_layers, set on int8
+    models by `quant.use_kernel_ops`)."""
+
+    fused_step: Optional[Callable[..., torch.Tensor]] = None
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -305,6 +311,10 @@ class Decoder(nn.Module):
         [0, b)) -> normed hidden states (b, t, hidden)."""
         rows = rows if rows is not None else slice(0, x.shape[0])
         step = cache.step(rows, positions)
+        fused = self.fused_step
+        if (fused is not None and x.shape[1] == 1 and x.shape[0] <= getattr(fused, "max_rows", 0)
+                and x.dtype == torch.float32):
+            return self.norm(fused(x, step, cache))
         for layer, kv in zip(self.layers, cache.layers):
             x = layer(x, step, kv)
         return self.norm(x)

@@ -330,8 +330,9 @@ def quantize_module(module: nn.Module, method: str = "int8") -> dict:
 def use_kernel_ops(module: nn.Module) -> None:
     """Give every RMSNorm, Attention and MLP under `module` the extension's fused float32 ops (when it
     built): the norm in one call; the q/k norms + RoPE + cache write in one call, and a decode step's
-    attention in one more; silu(gate) * up in one call."""
-    from .model import MLP, Attention, RMSNorm
+    attention in one more; silu(gate) * up in one call. Every Decoder whose linear layers are all int8
+    (or int4) runs its decode steps' layers in one call (DecodeLayers)."""
+    from .model import MLP, Attention, Decoder, RMSNorm
 
     ext = kernel()
     if ext is None:
@@ -343,3 +344,38 @@ def use_kernel_ops(module: nn.Module) -> None:
             m.kernel, m.attend = ext.qk_rope_cache, ext.decode_attention
         elif isinstance(m, MLP):
             m.kernel = ext.silu_mul
+        elif isinstance(m, Decoder) and all(isinstance(lin, Int8Linear) and lin.bias is None
+                                            for layer in m.layers for lin in _layer_linears(layer)):
+            m.fused_step = DecodeLayers(m)
+
+
+def _layer_linears(layer: nn.Module) -> list[nn.Module]:
+    a, f = layer.self_attn, layer.mlp
+    return [a.qkv_proj, a.o_proj, f.gate_up_proj, f.down_proj]
+
+
+class DecodeLayers:
+    """A decode step (one new position per row, at most PREFILL_ROWS rows: the kernel's one-call path)
+    through every layer of an int8 Decoder in one C++ call: the kernels the modules would call, in their
+    order, so the same bits (tested), without ~13 Python-level ops a layer in between (the code
+    predictor runs 75 layers a frame)."""
+
+    max_rows = PREFILL_ROWS
+
+    def __init__(self, decoder: nn.Module):
+        self.cfg = decoder.cfg
+        self.layers, self.tiles = [], []
+        for layer in decoder.layers:
+            a = layer.self_attn
+            qkv, o, gate_up, down = _layer_linears(layer)
+            self.layers.append([layer.input_layernorm.weight, qkv.qweight, qkv.scales, o.qweight, o.scales,
+                                a.q_norm.weight, a.k_norm.weight, layer.post_attention_layernorm.weight,
+                                gate_up.qweight, gate_up.scales, down.qweight, down.scales])
+            self.tiles.append(sum(1 << i for i, lin in enumerate((qkv, o, gate_up, down)) if lin.tiles))
+
+    def __call__(self, x: torch.Tensor, step, cache) -> torch.Tensor:
+        cfg = self.cfg
+        return kernel().decode_layers(x, self.layers, self.tiles, [kv.k for kv in cache.layers],
+                                      [kv.v for kv in cache.layers], step.cos, step.sin, step.positions,
+                                      step.lengths, step.rows.start, cfg.num_heads, cfg.num_kv_heads,
+                                      cfg.rms_norm_eps)

@@ -997,7 +997,41 @@ torch::Tensor sample_rows(torch::Tensor logits, double temperature, int64_t top_
     return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// A decode step's decoder layers (one new position per row, int8 weights) in one call: the same kernels,
+// in the same order, as the modules call them one by one (so the same bits), without ~13 Python-level
+// ops a layer in between. A layer's tensors, in order: input norm, qkv (weights, scales), o (weights,
+// scales), q norm, k norm, post-attention norm, gate_up (weights, scales), down (weights, scales);
+// `tiles`: per layer, which of qkv, o, gate_up, down are in the tile order (bits 0-3).
+torch::Tensor decode_layers(torch::Tensor x, std::vector<std::vector<torch::Tensor>> layers,
+                            std::vector<int64_t> tiles, std::vector<torch::Tensor> kcs,
+                            std::vector<torch::Tensor> vcs, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor positions, torch::Tensor lengths, int64_t row0, int64_t heads,
+                            int64_t kv_heads, double eps) {
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.dtype() == torch::kFloat32);
+    TORCH_CHECK(layers.size() == tiles.size() && layers.size() == kcs.size() && layers.size() == vcs.size());
+    const int64_t B = x.size(0), D = x.size(2);
+    auto lin = [](const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& sc, bool tiled) {
+        auto h2 = h.reshape({-1, h.size(-1)}).contiguous();
+        return tiled ? int8_linear_tiles(h2, w, sc) : int8_linear(h2, w, sc);
+    };
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const auto& L = layers[i];
+        TORCH_CHECK(L.size() == 12, "a decode layer has 12 tensors");
+        const int64_t t = tiles[i];
+        auto h = rms_norm(x, L[0], eps);
+        auto qkv = lin(h, L[1], L[2], t & 1).view({B, 1, -1});
+        auto q = qk_rope_cache(qkv, L[5], L[6], eps, cos, sin, positions, kcs[i], vcs[i], row0, heads, kv_heads);
+        auto a = decode_attention(q, kcs[i], vcs[i], row0, lengths);
+        x = x + lin(a, L[3], L[4], t & 2).view({B, 1, D});
+        h = rms_norm(x, L[7], eps);
+        x = x + lin(silu_mul(lin(h, L[8], L[9], t & 4)), L[10], L[11], t & 8).view({B, 1, D});
+    }
+    return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("decode_layers", &decode_layers, "a decode step's int8 decoder layers in one call (the modules' kernels, in order)");
     m.def("sample_rows", &sample_rows, "rows with the same settings: temperature, top-k, top-p, a draw with u (b,) each");
     m.def("silu_mul", &silu_mul, "(..., 2 I) gate then up -> silu(gate) * up (..., I), float32");
     m.def("decode_attention", &decode_attention, "one query per row over its cached keys [0, length): (b, 1, heads * d)");
