@@ -141,9 +141,8 @@ def test_the_tile_order_gives_the_group_orders_bits(monkeypatch):
     for m in (1, 3, 7, 8, 15, 16, 17, 40, 70):             # the VNNI loop; tiles: 16s and the rest
         x = torch.randn(m, 1024) * 3
         assert torch.equal(ext.int8_linear_tiles(x, qt, st), ext.int8_linear(x, groups, s)), m
-    tiled = quant.Int8Linear.from_linear(lin, prompts=True)                 # a talker layer
+    tiled = quant.Int8Linear.from_linear(lin)
     assert tiled.tiles == bool(ext.amx_int8()) == amx_here == (quant.layout() == "tiles")
-    assert not quant.Int8Linear.from_linear(lin).tiles                      # the code predictor's: one row a stream
     assert not quant.use_tiles(100, 1024) and not quant.use_tiles(96, 1000)       # shapes it cannot take
     monkeypatch.setattr(quant, "TILES_ON_AMX", False)
     grouped = quant.Int8Linear.from_linear(lin)

@@ -208,11 +208,6 @@ def _check_shape(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise CheckpointError(f"talker: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
 
 
-def _takes_prompts(mod_name: str) -> bool:
-    """A linear of the talker that runs over whole prompts (the code predictor sees one row per stream)."""
-    return not mod_name.startswith("code_predictor.")
-
-
 def _stream_in(talker, read, device, dtype, quantize: str) -> None:
     """Fill the meta-device talker from the checkpoint, one tensor at a time; linears on the per-frame
     path are quantized as they come in (only one float matrix exists at a time)."""
@@ -233,7 +228,7 @@ def _stream_in(talker, read, device, dtype, quantize: str) -> None:
                 lin.bias = torch.nn.Parameter(read(prefix + "bias").float(), requires_grad=False)
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(talker.get_submodule(parent_name) if parent_name else talker, attr,
-                    quant.quantize_linear(lin, method, prompts=_takes_prompts(mod_name)))
+                    quant.quantize_linear(lin, method))
             continue
         for name, ref in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if ref.device.type != "meta" or prefix + name == "model.text_embedding.weight":
@@ -255,7 +250,7 @@ def _assign_quantized(talker, stored: dict, device) -> None:
             qweight = stored[prefix + "qweight"]
             kind = quant.Int4Linear if qweight.dtype == torch.uint8 else quant.Int8Linear
             new = kind(module.in_features, module.out_features, qweight, stored[prefix + "scales"],
-                       stored.get(prefix + "bias"), _takes_prompts(mod_name))
+                       stored.get(prefix + "bias"))
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(talker.get_submodule(parent_name) if parent_name else talker, attr, new)
             continue

@@ -165,18 +165,18 @@ def _amx_bf16() -> bool:
 PREFILL_BF16 = _amx_bf16()
 
 
-# Where AMX runs (and the kernel was built for it), the int8 layers that take prompts (the talker's; not
-# the code predictor's, which only ever sees one row per stream) are stored in the kernel's tile order
-# (out_features % 16 == 0, in_features % GROUP == 0: the real models' shapes): 8 to PREFILL_ROWS
-# activation rows (a prompt, 8+ streams) then run on the tile unit, ~2x the VNNI loop for a prompt's
-# 25 rows (bench/RESULTS.md); fewer rows on a VNNI loop over the same order (one row ~5-10 % slower than
-# the group order's loop: why the code predictor stays in the group order). The same bits either way.
-# Off (False): the group order everywhere, as on CPUs without AMX.
+# Where AMX runs (and the kernel was built for it), the int8 layers (the talker's and the code predictor's)
+# are stored in the kernel's tile order (out_features % 16 == 0, in_features % GROUP == 0: the real
+# models' shapes): 8 to PREFILL_ROWS activation rows (a prompt, 8+ streams) then run on the tile unit,
+# ~2x the VNNI loop for a prompt's 25 rows and ~20 % faster for 8 streams' code-predictor rows
+# (bench/RESULTS.md); fewer rows on a VNNI loop over the same order (as fast as the group order's since
+# both prefetch the weights ahead). The same bits either way. Off (False): the group order everywhere,
+# as on CPUs without AMX.
 TILES_ON_AMX = True
 
 
 def use_tiles(out_features: int, in_features: int, bits: int = 8) -> bool:
-    """Whether an int8 layer of this shape that takes prompts is stored in the tile order here (see TILES_ON_AMX)."""
+    """Whether an int8 layer of this shape is stored in the tile order here (see TILES_ON_AMX)."""
     ext = kernel()
     return (TILES_ON_AMX and bits == 8 and ext is not None and out_features % 16 == 0
             and in_features % GROUP == 0 and bool(ext.amx_int8()))
@@ -213,30 +213,29 @@ class Int8Linear(nn.Module):
     bits = 8
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scales: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None, prompts: bool = False):
+                 bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         ext = kernel()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.tiles = prompts and use_tiles(out_features, in_features, self.bits)     # else the group order
+        self.tiles = use_tiles(out_features, in_features, self.bits)     # else the group order
         self._op = ext.int8_linear_tiles if self.tiles else ext.int8_linear
         self._dequantize = (ext.dequantize_tiles if self.tiles else
                             lambda q, sc, out: ext.dequantize(q, sc, 2, out))          # 2: weights a pair
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, prompts: bool = False) -> "Int8Linear":
-        """`prompts`: the layer takes prompts (many rows at once): the tile order where AMX runs."""
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         q, s = quantize_blocks(linear.weight, cls.bits)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        if prompts and use_tiles(linear.out_features, linear.in_features, cls.bits):
+        if use_tiles(linear.out_features, linear.in_features, cls.bits):
             stored, s = kernel().to_tiles(q, s)
         else:
             stored = kernel().permute_k(q, 2)
             if cls.bits == 4:
                 stored = kernel().pack4(stored)
-        return cls(linear.in_features, linear.out_features, stored, s, bias, prompts)
+        return cls(linear.in_features, linear.out_features, stored, s, bias)
 
     def dequantized(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The float32 weight (out_features, in_features) these int8 values and scales stand for (into
@@ -288,13 +287,13 @@ def _dynamic(linear: nn.Linear) -> nn.Module:
         return DynamicLinear.from_float(linear.float())
 
 
-def quantize_linear(linear: nn.Module, method: str = "int8", prompts: bool = False) -> nn.Module:
+def quantize_linear(linear: nn.Module, method: str = "int8") -> nn.Module:
     """An nn.Linear's quantized replacement ("int8", "int4" or "int8-dynamic"); other modules come back
-    unchanged. `prompts`: the layer takes prompts (see Int8Linear.from_linear)."""
+    unchanged."""
     if not isinstance(linear, nn.Linear) or linear.in_features % BLOCK:
         return linear
     if method in ("int8", "int4") and kernel() is not None:
-        return (Int4Linear if method == "int4" else Int8Linear).from_linear(linear, prompts)
+        return (Int4Linear if method == "int4" else Int8Linear).from_linear(linear)
     if method in ("int8", "int8-dynamic"):
         _quiet_ao_warnings()
         return _dynamic(linear)

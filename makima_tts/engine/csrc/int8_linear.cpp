@@ -153,6 +153,8 @@ torch::Tensor pack4(torch::Tensor w) {
     return out;
 }
 
+constexpr int64_t PREFETCH = 4096;      // bytes ahead of the weights being read that the VNNI loops prefetch
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 // one activation row (K floats, K % 16 == 0) -> int16 in natural order, rounded to nearest even (as
 // nearbyint) with one scale for the row (absmax / 32767); -> the scale
@@ -212,6 +214,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
                 for (int64_t g = 0; g < K; g += 512) {
                     __m512i wv[16];
                     if (bits == 8) {
+                        // the weights 4 KB ahead (the rows are read in order): more reads in flight
+                        for (int c = 0; c < 512; c += 64) _mm_prefetch((const char*)(wr + g + PREFETCH + c), _MM_HINT_T0);
                         for (int c = 0; c < 16; ++c)
                             wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + 32 * c)));
                     } else {          // 16 bytes -> 32 nibbles (low: weights 0-15, high: 16-31), sign-extended
@@ -377,6 +381,7 @@ static void tiles_vnni(const int16_t* xq, const float* xs, const int8_t* qp, con
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t b = 16 * g + i, tile = (t * 16 + i) * G + g;
                 const int8_t* wt = qp + tile * 512;
+                for (int c = 0; c < 512; c += 64) _mm_prefetch((const char*)(wt + PREFETCH + c), _MM_HINT_T0);
                 __m512i w[16];
                 for (int r = 0; r < 8; ++r) {
                     w[2 * r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wt + 64 * r)));
@@ -424,6 +429,7 @@ static void tiles_amx(const int8_t* ah, const uint8_t* al, const float* xs, cons
         for (int m = 0; m < mt; ++m) acc[m] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
             const int64_t b = 16 * g + i, tile = (t * 16 + i) * G + g;
+            for (int c = 0; c < 512; c += 64) _mm_prefetch((const char*)(qp + tile * 512 + PREFETCH + c), _MM_HINT_T0);
             _tile_zero(0);
             _tile_zero(1);
             _tile_loadd(2, ah + m0 * K + 32 * b, K);
