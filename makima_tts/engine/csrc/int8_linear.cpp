@@ -219,6 +219,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
                         for (int c = 0; c < 16; ++c)
                             wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + 32 * c)));
                     } else {          // 16 bytes -> 32 nibbles (low: weights 0-15, high: 16-31), sign-extended
+                        for (int c = 0; c < 256; c += 64) _mm_prefetch((const char*)(w4 + g / 2 + PREFETCH + c), _MM_HINT_T0);
                         for (int c = 0; c < 16; ++c) {
                             const __m128i v = _mm_loadu_si128((const __m128i*)(w4 + (g + 32 * c) / 2));
                             const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4),
