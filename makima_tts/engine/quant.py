@@ -308,7 +308,7 @@ def _quiet_ao_warnings() -> None:
 
 
 def quantize_module(module: nn.Module, method: str = "int8") -> dict:
-    """Replace every nn.Linear under `module` (in place) by its int8 counterpart (in the group order).
+    """Replace every nn.Linear under `module` (in place) by its int8 counterpart (in the order for this CPU).
 
     Returns {"linears": how many, "method": the one used} ("int8" falls back to "int8-dynamic"
     when the kernel cannot be built)."""
