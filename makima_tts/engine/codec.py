@@ -377,6 +377,21 @@ class _Slots:
         return len(self.shapes) - 1
 
 
+def _with_context(x: Tensor, state: DecoderState, slot: int, context: int) -> Tensor:
+    """x (B, n, C) after the last `context` inputs of its stream (kept in the state's conv slot `slot`,
+    then replaced by x's own last ones)."""
+    if not context:
+        return x
+    x = torch.cat([state.conv[slot], x], dim=1)
+    state.conv[slot] = x[:, -context:].clone()
+    return x
+
+
+def _windows(x: Tensor, taps: int, n: int, dilation: int = 1) -> Tensor:
+    """(B, n + context, C) -> (B, n, taps * C): [b, i, t * C + c] = x[b, i + t * dilation, c]."""
+    return x if taps == 1 else torch.cat([x[:, t * dilation:t * dilation + n] for t in range(taps)], dim=-1)
+
+
 # The decoder's convolutions work on channels-last activations (B, n, C): a pointwise conv is then one
 # matrix product over the rows as they lie, a transposed conv's output needs no reordering, and torch's
 # conv2d over a (B, C, 1, n) channels-last view runs oneDNN's direct convolution without copies (2-3x
@@ -416,14 +431,11 @@ class _CausalConv:
         assert self.weight.dim() != 3, "the decoder was not cast (Codec.load does it)"
         if self.pointwise:
             return F.linear(x, self.weight, self.bias)
-        if self.context:
-            x = torch.cat([state.conv[self.slot], x], dim=1)
-            state.conv[self.slot] = x[:, -self.context:].clone()
+        x = _with_context(x, state, self.slot, self.context)
         n = x.shape[1] - self.context
         if self.as_matmul:
             # [b, i, t * C_in + c] = input i - context + t * dilation of channel c: the weight's layout in memory
-            d = self.dilation
-            windows = torch.cat([x[:, t * d:t * d + n] for t in range(self.k)], dim=-1)
+            windows = _windows(x, self.k, n, self.dilation)
             return F.linear(windows, self.weight.permute(0, 2, 3, 1).reshape(self.weight.shape[0], -1), self.bias)
         y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight, self.bias, dilation=(1, self.dilation),
                      groups=self.groups)                                 # (B, C_out, 1, n), channels last
@@ -468,12 +480,9 @@ class _CausalTransposedConv:
     def __call__(self, x: Tensor, state: DecoderState) -> Tensor:         # (B, n, C_in) -> (B, n * S, C_out)
         assert self.polyphase, "the decoder was not cast (Codec.load does it)"
         b, n, _ = x.shape
-        if self.context:
-            x = torch.cat([state.conv[self.slot], x], dim=1)
-            state.conv[self.slot] = x[:, -self.context:].clone()
+        x = _with_context(x, state, self.slot, self.context)
         # [b, i, p * C_in + c] = input i - (taps - 1) + p of channel c
-        windows = x if self.taps == 1 else torch.cat([x[:, p:p + n] for p in range(self.taps)], dim=-1)
-        y = torch.matmul(windows, self.weight)                               # (B, n, S * C_out)
+        y = torch.matmul(_windows(x, self.taps, n), self.weight)             # (B, n, S * C_out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(b, n * self.stride, self.c_out)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -287,14 +287,22 @@ class Cache:
         return Step(rows=rows, positions=positions, cos=cos, sin=sin, mask=mask, top=top, lengths=positions[:, -1] + 1)
 
 
+class FusedStep(Protocol):
+    """Every layer of a decode step (one new position per row, float32, at most `max_rows` rows) in one
+    call: (x, step, cache) -> x."""
+
+    max_rows: int
+
+    def __call__(self, x: torch.Tensor, step: Step, cache: "Cache") -> torch.Tensor: ...
+
+
 class Decoder(nn.Module):
     """Layers + final norm over input embeddings.
 
-    `fused_step`: every layer of a decode step (one new position per row, float32, at most its
-    `max_rows` rows) in one call: (x, step, cache) -> x (the extension's decode_layers, set on int8
-    models by `quant.use_kernel_ops`)."""
+    `fused_step`: a decode step's layers in one call (the extension's decode_layers, set on int8 models
+    by `quant.use_kernel_ops`; see FusedStep)."""
 
-    fused_step: Optional[Callable[..., torch.Tensor]] = None
+    fused_step: Optional[FusedStep] = None
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -312,8 +320,7 @@ class Decoder(nn.Module):
         rows = rows if rows is not None else slice(0, x.shape[0])
         step = cache.step(rows, positions)
         fused = self.fused_step
-        if (fused is not None and x.shape[1] == 1 and x.shape[0] <= getattr(fused, "max_rows", 0)
-                and x.dtype == torch.float32):
+        if fused is not None and x.shape[1] == 1 and x.shape[0] <= fused.max_rows and x.dtype == torch.float32:
             return self.norm(fused(x, step, cache))
         for layer, kv in zip(self.layers, cache.layers):
             x = layer(x, step, kv)

@@ -21,11 +21,14 @@ import hashlib
 import logging
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .model import Cache, Step
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +375,7 @@ class DecodeLayers:
                                 gate_up.qweight, gate_up.scales, down.qweight, down.scales])
             self.tiles.append(sum(1 << i for i, lin in enumerate((qkv, o, gate_up, down)) if lin.tiles))
 
-    def __call__(self, x: torch.Tensor, step, cache) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step: "Step", cache: "Cache") -> torch.Tensor:
         cfg = self.cfg
         return kernel().decode_layers(x, self.layers, self.tiles, [kv.k for kv in cache.layers],
                                       [kv.v for kv in cache.layers], step.cos, step.sin, step.positions,

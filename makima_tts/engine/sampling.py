@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .quant import kernel
 from .types import SamplingParams
 
 
@@ -61,8 +62,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generators: list[Option
     `candidates`, then `draw`."""
     if params.temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling")
-    from .quant import kernel
-
     ext = kernel()
     if ext is None:
         probs, ids = candidates(logits, params)

@@ -153,7 +153,12 @@ torch::Tensor pack4(torch::Tensor w) {
     return out;
 }
 
-constexpr int64_t PREFETCH = 4096;      // bytes ahead of the weights being read that the VNNI loops prefetch
+constexpr int64_t PREFETCH = 4096;      // bytes ahead of the weights being read that the int8 loops prefetch
+
+// the `bytes` of weights PREFETCH bytes ahead of p (read in order): more reads in flight
+static inline void prefetch_ahead(const void* p, int bytes) {
+    for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char*)p + PREFETCH + c, _MM_HINT_T0);
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 // one activation row (K floats, K % 16 == 0) -> int16 in natural order, rounded to nearest even (as
@@ -214,12 +219,11 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
                 for (int64_t g = 0; g < K; g += 512) {
                     __m512i wv[16];
                     if (bits == 8) {
-                        // the weights 4 KB ahead (the rows are read in order): more reads in flight
-                        for (int c = 0; c < 512; c += 64) _mm_prefetch((const char*)(wr + g + PREFETCH + c), _MM_HINT_T0);
+                        prefetch_ahead(wr + g, 512);
                         for (int c = 0; c < 16; ++c)
                             wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + g + 32 * c)));
                     } else {          // 16 bytes -> 32 nibbles (low: weights 0-15, high: 16-31), sign-extended
-                        for (int c = 0; c < 256; c += 64) _mm_prefetch((const char*)(w4 + g / 2 + PREFETCH + c), _MM_HINT_T0);
+                        prefetch_ahead(w4 + g / 2, 256);
                         for (int c = 0; c < 16; ++c) {
                             const __m128i v = _mm_loadu_si128((const __m128i*)(w4 + (g + 32 * c) / 2));
                             const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4),
@@ -382,7 +386,7 @@ static void tiles_vnni(const int16_t* xq, const float* xs, const int8_t* qp, con
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t b = 16 * g + i, tile = (t * 16 + i) * G + g;
                 const int8_t* wt = qp + tile * 512;
-                for (int c = 0; c < 512; c += 64) _mm_prefetch((const char*)(wt + PREFETCH + c), _MM_HINT_T0);
+                prefetch_ahead(wt, 512);
                 __m512i w[16];
                 for (int r = 0; r < 8; ++r) {
                     w[2 * r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wt + 64 * r)));
@@ -430,7 +434,7 @@ static void tiles_amx(const int8_t* ah, const uint8_t* al, const float* xs, cons
         for (int m = 0; m < mt; ++m) acc[m] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
             const int64_t b = 16 * g + i, tile = (t * 16 + i) * G + g;
-            for (int c = 0; c < 512; c += 64) _mm_prefetch((const char*)(qp + tile * 512 + PREFETCH + c), _MM_HINT_T0);
+            prefetch_ahead(qp + tile * 512, 512);
             _tile_zero(0);
             _tile_zero(1);
             _tile_loadd(2, ah + m0 * K + 32 * b, K);
@@ -886,15 +890,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(3), KV = kc.size(1), L = kc.size(2);
     TORCH_CHECK(kc.size(3) == D && H % KV == 0 && row0 >= 0 && row0 + B <= kc.size(0));
     const int64_t* lp = len.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "attention length outside the cache");
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "attention length outside the cache");
+        longest = std::max(longest, lp[b]);
+    }
     auto out = torch::empty({B, 1, H * D}, qc.options());
     const float* qp = qc.data_ptr<float>();
     const float* kp = kc.data_ptr<float>();
     const float* vp = vc.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const float scale = 1.f / std::sqrt(float(D));
-    int64_t longest = 1;
-    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lp[b]);
     at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / (longest * D / 16 + 1)), [&](int64_t i0, int64_t i1) {
         std::vector<float> w(longest);
         for (int64_t i = i0; i < i1; ++i) {
