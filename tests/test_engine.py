@@ -339,16 +339,19 @@ def test_a_kv_cache_takes_memory_only_as_it_is_written():
     """A KV cache is reserved for more positions than its rows have reached (8 streams x 4096 positions of
     one full-size layer here: 2 x 128 MB). Its memory is taken as it is written, it reads as zeros until
     then, and growing it keeps what was written."""
-    import psutil
-
     from makima_tts.engine.model import KVCache
 
-    proc = psutil.Process()
-    before = proc.memory_info().rss
+    def rss() -> int:                            # bytes resident now (Linux)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc/self/status")
+
+    before = rss()
     kv = KVCache(rows=8, kv_heads=8, length=4096, head_dim=128, dtype=torch.float32, device="cpu")
-    assert proc.memory_info().rss - before < 32 * 2**20
+    assert rss() - before < 32 * 2**20
     kv.k[:, :, :64] = 1.0                        # what a prefill of 64 positions writes (16 MB of keys)
-    assert proc.memory_info().rss - before < 64 * 2**20
+    assert rss() - before < 64 * 2**20
     assert float(kv.k[:, :, 64:128].abs().sum()) == 0.0 and float(kv.k[:, :, :64].sum()) == 8 * 8 * 64 * 128
     kv.resize(9, 4160)
     assert kv.k.shape == (9, 8, 4160, 128) and float(kv.k[:8, :, :64].sum()) == 8 * 8 * 64 * 128
