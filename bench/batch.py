@@ -3,6 +3,7 @@ stream, each running Qwen3Engine.stream, as the server does without batching), s
 
     python bench/batch.py [--streams 1,2,4,8] [--frames 40] [--tiny] [--quantize none|int8|int8-dynamic]
                           [--threads 2] [--modes unbatched,batched] [--no-decode] [--checkpoint DIR]
+                          [--device cpu|cuda]
 
 Builds (once, cached in .cache/bench) a random-weight checkpoint with the real 0.6B-Base geometry
 (or the tiny test one with --tiny). Every stream clones the same 3 s voice (computed once), speaks
@@ -105,6 +106,7 @@ def main() -> None:
                     help="auto (the default path) | none | int8 | int8-dynamic (bare --quantize: int8)")
     ap.add_argument("--modes", default="unbatched,batched")
     ap.add_argument("--no-decode", action="store_true", help="frames only: no codec decoding on the stream threads")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs")
     args = ap.parse_args()
 
     import torch
@@ -112,6 +114,7 @@ def main() -> None:
     from makima_tts.engine.batch import BatchedEngine
     from makima_tts.engine.qwen3 import Qwen3Engine
     from makima_tts.engine.types import GenerationSettings
+    from bench.engine import gpu_figures
     from makima_tts.testing.checkpoints import build_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -119,7 +122,7 @@ def main() -> None:
                                                    tiny=args.tiny))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    engine = Qwen3Engine.load(ckpt, quantize=args.quantize)
+    engine = Qwen3Engine.load(ckpt, device=args.device, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     voice = engine.create_voice_prompt(reference_clip(3.0), 24000, transcript=REF_TEXT)
     engine.prepare_voice(voice)                 # prime the codec once per voice
@@ -162,6 +165,7 @@ def main() -> None:
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           "(above ~0.5 means other work shared these cores)")
     print(json.dumps(dict(checkpoint=ckpt, tiny=args.tiny, threads=args.threads, quantize=engine.quantize,
+                          device=str(engine.device), **gpu_figures(engine.device),
                           frames=args.frames, decode=not args.no_decode, load_s=round(load_s, 1),
                           loadavg_before=[round(x, 2) for x in load_before],
                           loadavg_after=[round(x, 2) for x in load_after], results=rows,

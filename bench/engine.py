@@ -57,6 +57,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def gpu_figures(device) -> dict:
+    """On CUDA: the GPU's name and the process's peak GPU memory (torch's allocator); nothing on the CPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return {}
+    return dict(gpu=torch.cuda.get_device_name(device),
+                gpu_peak_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20))
+
+
 def run_ours(args) -> dict:
     import torch
 
@@ -84,7 +94,7 @@ def run_ours(args) -> dict:
     batch = None
     if args.batch:
         batch = run_batch(engine, voice, args)
-    return dict(batch=batch, device=str(engine.device), **figures,
+    return dict(batch=batch, device=str(engine.device), **figures, **gpu_figures(engine.device),
                 frame_ms=round(1000 * (stats.talker_s + stats.predictor_s) / max(frames - 1, 1), 1),
                 predictor_ms=round(1000 * stats.predictor_s / frames, 1),
                 prompt_s=round(prompt_s, 3), voice_prime_s=round(voice_prime_s, 3), load_s=round(load_s, 2),
@@ -190,7 +200,9 @@ def run_reference(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model = Qwen3TTSModel.from_pretrained(args.checkpoint, dtype=dtype, attn_implementation="sdpa")
+    # its README's GPU setting, with sdpa for flash-attn (not installed here)
+    model = Qwen3TTSModel.from_pretrained(args.checkpoint, dtype=dtype, attn_implementation="sdpa",
+                                          device_map=args.device)
     load_s = time.perf_counter() - t0
     clip = reference_clip(3.0)
     t0 = time.perf_counter()
@@ -233,7 +245,7 @@ def run_reference(args) -> dict:
         decode_s_per_audio_s=round(timers["decode_s"] / audio_s, 3),
         ttfa_s=round(total, 3), rtf=round(total / audio_s, 3), total_s=round(total, 2),
         prompt_s=round(prompt_s, 3), load_s=round(load_s, 2), peak_rss_mb=round(peak_rss_mb()),
-        audio_rms=float(np.sqrt(np.mean(wavs[0] ** 2))),
+        audio_rms=float(np.sqrt(np.mean(wavs[0] ** 2))), **gpu_figures(torch.device(args.device)),
     )
 
 
@@ -330,7 +342,7 @@ def main() -> None:
     results["settings"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     fields = ["frame_ms", "talker_ms", "predictor_ms", "decode_s_per_audio_s", "ttfa_s", "rtf", "peak_rss_mb",
               "load_s"]
-    fields = ["quantize"] + fields
+    fields = ["quantize"] + fields + (["gpu_peak_mb"] if args.device == "cuda" else [])
     print(f"{'system':<18}" + "".join(f"{f:>21}" for f in fields))
     for system in systems + ["reference", "peer"]:
         if system in results:
