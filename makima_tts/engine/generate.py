@@ -458,7 +458,8 @@ class FrameGenerator:
         if not any(take):
             return False
         pad = rows[0].prompt.pad_embed
-        frames = torch.cat([r.last if r.last is not None else torch.zeros(1, talker.num_groups, dtype=torch.long)
+        frames = torch.cat([r.last if r.last is not None else
+                            torch.zeros(1, talker.num_groups, dtype=torch.long, device=talker.device)
                             for r in rows])                                             # (b, G)
         embeds = talker.embed_frame(frames[:, None, :]) + torch.cat([t if t is not None else pad for t in texts])
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=embeds.device)

@@ -333,9 +333,12 @@ def use_kernel_ops(module: nn.Module) -> None:
     """Give every RMSNorm, Attention and MLP under `module` the extension's fused float32 ops (when it
     built): the norm in one call; the q/k norms + RoPE + cache write in one call, and a decode step's
     attention in one more; silu(gate) * up in one call. Every Decoder whose linear layers are all int8
-    (or int4) runs its decode steps' layers in one call (DecodeLayers)."""
+    (or int4) runs its decode steps' layers in one call (DecodeLayers). Nothing for a module off the CPU
+    (the extension is CPU code)."""
     from .model import MLP, Attention, Decoder, RMSNorm
 
+    if any(t.device.type != "cpu" for t in list(module.parameters()) + list(module.buffers())):
+        return
     ext = kernel()
     if ext is None:
         return

@@ -59,10 +59,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generators: list[Option
     Where the int8 extension built, one C++ call does what `candidates` and `draw` do (the same
     temperature, top-k and top-p) and draws by the inverse of the candidates' cumulative weights with
     one uniform number per row from its generator: a row draws the same alone or in a batch. Otherwise
-    `candidates`, then `draw`."""
+    (or for logits off the CPU: the extension is CPU code, and the rows' generators are on the logits'
+    device) `candidates`, then `draw`."""
     if params.temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling")
-    ext = kernel()
+    ext = kernel() if logits.device.type == "cpu" else None
     if ext is None:
         probs, ids = candidates(logits, params)
         return draw(probs, ids, generators)
