@@ -356,3 +356,15 @@ def test_a_kv_cache_takes_memory_only_as_it_is_written():
     kv.resize(9, 4160)
     assert kv.k.shape == (9, 8, 4160, 128) and float(kv.k[:8, :, :64].sum()) == 8 * 8 * 64 * 128
     assert float(kv.k[8].abs().sum()) == 0.0 and float(kv.v.abs().sum()) == 0.0
+
+
+def test_default_float_dtype_follows_the_device():
+    """dtype "auto" (the default of Qwen3Engine.load, the server and the CLI): float32 on the CPU (where
+    the int8 path takes over), bfloat16 on CUDA, as the reference runs on a GPU; names still parse."""
+    from makima_tts.engine.checkpoint import parse_dtype
+
+    assert parse_dtype("auto", torch.device("cpu")) == torch.float32
+    assert parse_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert parse_dtype("float16", torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError):
+        parse_dtype("int8", torch.device("cpu"))

@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--frames", type=int, default=125, help="frames to generate (125 = 10 s of audio)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default="none", help="none or int8")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=run)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                      "frame_ms": round(1000 * (stats.talker_s + stats.predictor_s) / frames, 1),
                      "decode_s_per_audio_s": round(stats.decode_s / max(audio_s, 1e-9), 3),
                      "ttfa_s": round(stats.ttfa_s if stats.ttfa_s is not None else float("nan"), 3), "rtf": round(total / max(audio_s, 1e-9), 3)})
-    result = {"checkpoint": str(args.checkpoint), "device": args.device, "dtype": args.dtype,
+    result = {"checkpoint": str(args.checkpoint), "device": args.device, "dtype": str(engine.dtype).removeprefix("torch."),
               "quantize": args.quantize, "threads": torch.get_num_threads(), "load_s": round(load_s, 2),
               "prompt_s": round(prompt_s, 3),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "runs": rows}

@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", default="out.wav",
                    help="output WAV file ('-' for raw PCM on stdout: float32, or with --server 16-bit little-endian)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Qwen3's float dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Qwen3's float dtype")
     p.add_argument("--onnx-dtype", default="auto", choices=["auto", "fp32", "fp16", "q8", "q4", "q4f16"],
                    help="Chatterbox: which of the export's graphs (auto: q4 on the CPU where present, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

@@ -188,10 +188,11 @@ class Qwen3Engine:
     # ---- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
+    def load(cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "auto",
              quantize: Optional[str] = "auto", weights_cache: Optional[str | os.PathLike] = "auto",
              codec_dtype: str = "auto") -> "Qwen3Engine":
-        """`quantize`: "auto" (default: "int8" on the CPU, the float `dtype` on CUDA), "none" (weights in
+        """`dtype`: "auto" (default: float32 on the CPU, bfloat16 on CUDA, the reference's GPU setting) or a
+        dtype name. `quantize`: "auto" (default: "int8" on the CPU, the float `dtype` on CUDA), "none" (weights in
         `dtype`), or int8 weights for the talker's and the code predictor's linear layers (CPU, float32):
         "int8" (blocks of 32, our kernel; activations kept to 16 bits), "int4" (the same with the code
         predictor's weights in 4 bits: faster, less accurate, see bench/RESULTS.md) or "int8-dynamic" (torch's
@@ -207,7 +208,8 @@ class Qwen3Engine:
         quantize = (quantize or "auto").lower()
         if quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"unknown quantize={quantize!r}; use one of: {', '.join(QUANTIZE_CHOICES)}")
-        dev, dt = parse_device(device), parse_dtype(dtype)
+        dev = parse_device(device)
+        dt = parse_dtype(dtype, dev)
         if quantize == "auto":
             quantize = "int8" if dev.type == "cpu" and dt == torch.float32 else "none"
         if quantize != "none" and (dev.type != "cpu" or dt != torch.float32):

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
         "auto", description="Chatterbox: which variant of the export's graphs (default auto: q4 on the CPU where "
                             "the export has it, fp16 on CUDA, else fp32)")
     device: str = Field("cpu", description="cpu or cuda")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    dtype: str = Field("auto", description="Qwen3's float dtype: auto (default: float32 on the CPU, bfloat16 on "
+                                           "CUDA), float32, bfloat16 or float16")
     quantize: Literal["auto", "none", "int8", "int4", "int8-dynamic"] = Field(
         "auto", description="Qwen3 weights: auto (default: int8 on the CPU, the float dtype on CUDA), none "
                             "(float32), int8, int4 (the code predictor in 4 bits, the talker in 8) or int8-dynamic")
