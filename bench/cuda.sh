@@ -20,11 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 if [ -z "$CKPT" ]; then
   CKPT=/tmp/makima-bench/full-0.6b-base-bf16
-  stage checkpoint 300 $PY -m makima_tts.testing.checkpoints "$CKPT" --full --dtype bfloat16
+  stage checkpoint 200 $PY -m makima_tts.testing.checkpoints "$CKPT" --full --dtype bfloat16
 fi
 # one stream, ours (bf16, the CUDA default) against the reference (bf16, sdpa), then 8 batched streams
-stage engine 300 $PY -m bench.engine --checkpoint "$CKPT" --device cuda --dtype bfloat16 --frames 60 \
+stage engine 240 $PY -m bench.engine --checkpoint "$CKPT" --device cuda --dtype bfloat16 --frames 60 \
   --threads 4 --batch 8
 # streams per GPU: batched streams starting at once
-stage batch 300 $PY -m bench.batch --checkpoint "$CKPT" --device cuda --threads 4 --modes batched \
+stage batch 240 $PY -m bench.batch --checkpoint "$CKPT" --device cuda --threads 4 --modes batched \
   --streams "${STREAMS:-1,8,32,64}" --frames 40
