@@ -368,3 +368,21 @@ def test_default_float_dtype_follows_the_device():
     assert parse_dtype("float16", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError):
         parse_dtype("int8", torch.device("cpu"))
+
+
+def test_prompt_special_tokens_are_projected_once(tiny_checkpoint, ref_clip):
+    """The prompt's fixed text tokens (tts bos/eos/pad, the role) go through the text MLP once per talker:
+    a later prompt projects only its own text, and comes out the same as the first."""
+    engine = Qwen3Engine.load(tiny_checkpoint)
+    voice = engine.create_voice_prompt(ref_clip, 24000, transcript=REF_TEXT)
+    rows = []
+    hook = engine.talker.text_projection.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        first = engine.plan(TEXT, voice, "english", greedy(), None).prompt
+        calls_first = len(rows)
+        rows.clear()
+        again = engine.plan(TEXT, voice, "english", greedy(), None).prompt
+    finally:
+        hook.remove()
+    assert calls_first >= 3 and len(rows) == 1        # only the reference transcript + the text
+    assert torch.equal(first.embeds, again.embeds) and torch.equal(first.trailing, again.trailing)

@@ -121,7 +121,7 @@ def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: Vo
         return torch.tensor([x], dtype=torch.long, device=dev)
 
     role_ids, body_ids = text_ids[:3], text_ids[3:]
-    bos_e, eos_e, pad_e = talker.embed_text(t([ids.tts_bos, ids.tts_eos, ids.tts_pad])).split(1, dim=1)
+    bos_e, eos_e, pad_e = talker.embed_fixed_text((ids.tts_bos, ids.tts_eos, ids.tts_pad)).split(1, dim=1)
     if language_id is None:
         control = [ids.nothink, ids.think_bos, ids.think_eos]
     else:
@@ -129,7 +129,7 @@ def build_prompt(talker: Talker, ids: SpecialIds, text_ids: list[int], voice: Vo
     speaker = voice.speaker_embedding.to(device=dev, dtype=dtype).view(1, 1, -1)
     codec_side = torch.cat([talker.embed_codec(t(control)), speaker, talker.embed_codec(t([ids.codec_pad]))], dim=1)
     text_side = torch.cat([pad_e.expand(-1, codec_side.shape[1] - 1, -1), bos_e], dim=1)
-    parts = [talker.embed_text(t(role_ids)), text_side + codec_side]
+    parts = [talker.embed_fixed_text(tuple(role_ids)), text_side + codec_side]
     codec_bos_e = talker.embed_codec(t([ids.codec_bos]))
 
     if voice.icl:
