@@ -161,3 +161,58 @@ def test_a_lazy_engine_loads_once_for_concurrent_requests(tmp_path, monkeypatch)
     asyncio.run(main())
     ctx.close()
     assert loads == [1]
+
+
+def test_the_default_voice_is_prepared_once_the_engine_serves(tmp_path, ref_clip, monkeypatch):
+    """Once a loaded cloning engine serves, a worker thread loads (or computes) the default voice's prompt and
+    prepares it (ready is not held back for it): the first request that speaks with it finds it done. A
+    failure there is logged and the engine still serves."""
+    from makima_tts.server import engines as engines_module
+    from makima_tts.voices import VoiceLibrary
+
+    VoiceLibrary(tmp_path).add("house", ref_clip, 24000, name="House", transcript="Hello.")
+    VoiceLibrary(tmp_path).add("other", ref_clip, 24000, name="Other", transcript="Hi.")
+    prepared = threading.Event()
+
+    class Cloning(Engine):
+        supports_cloning = True
+        fingerprint = "fake"
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list = []
+
+        def create_voice_prompt(self, audio, sr, transcript=None, x_vector_only=False):
+            return {"transcript": transcript}
+
+        def prepare_voice(self, prompt):
+            self.seen.append((ctx.engines.state, prompt))
+            prepared.set()
+            return prompt
+
+    engine = Cloning()
+    monkeypatch.setattr(engines_module, "load_engine", lambda settings, embedded=None: (engine, "test"))
+    ctx = ServerContext(Settings(voices_dir=tmp_path, engine="qwen3", checkpoint="unused", default_voice="house"))
+
+    async def main():
+        await ctx.start()
+        assert ctx.engines.status()["ready"]
+
+    asyncio.run(main())
+    assert prepared.wait(10)
+    assert engine.seen == [("ready", {"transcript": "Hello."})]      # the default voice only, after ready
+    assert ctx.voices.resolve_voice(None).prompt == {"transcript": "Hello."} and ctx.voices.prompts.hits == 1
+    ctx.close()
+
+    def failing(self, prompt):
+        prepared.set()
+        raise RuntimeError("boom")
+
+    prepared.clear()
+    monkeypatch.setattr(Cloning, "prepare_voice", failing)
+    ctx = ServerContext(Settings(voices_dir=tmp_path, engine="qwen3", checkpoint="unused", default_voice="house"))
+    asyncio.run(main())
+    assert prepared.wait(10)
+    time.sleep(0.1)
+    assert ctx.engines.state == "ready"
+    ctx.close()

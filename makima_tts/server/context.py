@@ -36,7 +36,8 @@ class ServerContext:
                                    prompt_cache_ttl_s=settings.prompt_cache_ttl_s,
                                    on_prompt_computed=lambda *_: self.metrics.prompt_computations.inc(),
                                    load_embedded=self._load_embedded)
-        self.engines = EngineManager(settings, self.executor, on_ready=self.voices.attach, engine=engine)
+        self.engines = EngineManager(settings, self.executor, on_ready=self.voices.attach, engine=engine,
+                                     after_ready=self._prepare_default_voice)
         self.speech = SpeechService(settings, self.engines, self.voices, self.metrics, self.executor)
         from ..audio import DecodeBudget, configure_decoding
 
@@ -47,6 +48,15 @@ class ServerContext:
     async def start(self) -> None:
         """At app start-up, on the loop: the generation slots, and the engine (unless lazy_load)."""
         await self.speech.start()
+
+    def _prepare_default_voice(self, engine: SpeechEngine) -> None:
+        """Once the engine serves, on a worker thread: the default voice's prompt loaded (or computed) and
+        prepared (a Qwen3 voice's codec priming and talker prefix, 0.7 s here), which the first request
+        that speaks with it would otherwise wait for. Only a voice already stored: the generated `default`
+        voice is made on first use, as before."""
+        voice_id = self.voices.default_voice_info().get("voice_id")
+        if voice_id and self.voices.prompts is not None and self.library.exists(voice_id):
+            self.voices.prompts.get(voice_id)
 
     def _load_embedded(self) -> SpeechEngine:
         return self.engines.load_piper()       # what makes the generated `default` voice

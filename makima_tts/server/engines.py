@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Executor
 from typing import Callable, Optional
 
@@ -27,10 +28,14 @@ class EngineManager:
 
     def __init__(self, settings: Settings, executor: Executor,
                  on_ready: Optional[Callable[[SpeechEngine], None]] = None,
-                 engine: Optional[SpeechEngine] = None):
+                 engine: Optional[SpeechEngine] = None,
+                 after_ready: Optional[Callable[[SpeechEngine], None]] = None):
         self.settings = settings
         self.executor = executor
         self.on_ready = on_ready
+        # run once, on a worker thread, after a loaded engine serves (the default voice prepared): ready is
+        # not held back, and a request that comes meanwhile waits for that work instead of repeating it
+        self.after_ready = after_ready
         self.engine: Optional[SpeechEngine] = None
         self.reason = ""                       # why this engine serves
         self.load_error: Optional[str] = None
@@ -122,11 +127,28 @@ class EngineManager:
 
     def _load_engine(self) -> None:
         try:
-            self._serve(*load_engine(self.settings, self.load_piper))
+            engine, reason = load_engine(self.settings, self.load_piper)
+            self._serve(engine, reason)
         except Exception as e:
             self.state = "failed"
             self.load_error = e.message if isinstance(e, MakimaError) else f"{type(e).__name__}: {e}"
             log.error("engine failed to load: %s", self.load_error)
+            return
+        if self.after_ready is not None:
+            try:
+                self.executor.submit(self._after_ready, engine)
+            except RuntimeError:                   # the server is shutting down
+                log.info("skipped the work after start-up: the server is shutting down")
+
+    def _after_ready(self, engine: SpeechEngine) -> None:
+        assert self.after_ready is not None
+        try:
+            t0 = time.perf_counter()
+            self.after_ready(engine)
+            log.info("start-up work done in %.1f s", time.perf_counter() - t0)
+        except Exception as e:                     # a request will meet the same error, in words
+            log.warning("the work after start-up failed: %s",
+                        e.message if isinstance(e, MakimaError) else f"{type(e).__name__}: {e}")
 
     def _serve(self, engine: SpeechEngine, reason: str) -> None:
         self.engine = engine
