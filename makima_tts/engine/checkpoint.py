@@ -46,7 +46,7 @@ def parse_dtype(dtype: str | torch.dtype, device: Optional[torch.device] = None)
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        raise ValueError(f"unsupported dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
 def parse_device(device: str | torch.device) -> torch.device:

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
                                            "CUDA), float32, bfloat16 or float16")
     quantize: Literal["auto", "none", "int8", "int4", "int8-dynamic"] = Field(
         "auto", description="Qwen3 weights: auto (default: int8 on the CPU, the float dtype on CUDA), none "
-                            "(float32), int8, int4 (the code predictor in 4 bits, the talker in 8) or int8-dynamic")
+                            "(the float dtype), int8, int4 (the code predictor in 4 bits, the talker in 8) or int8-dynamic")
     codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the codec decoder: auto (default: bfloat16 with int8 weights on a CPU with bfloat16 "
                             "arithmetic, else the float dtype), float32, bfloat16")
