@@ -22,14 +22,7 @@ if not __package__:    # run as a file: import bench.* as `python -m bench.start
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_checkpoint_flags, checkpoint  # noqa: E402
-from makima_tts.testing import REF_TEXT, reference_clip  # noqa: E402
-
-
-def status_kb(pid: int, field: str) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+from makima_tts.testing import REF_TEXT, proc_status_kb, reference_clip  # noqa: E402
 
 
 def one_start(ckpt: str, voices: str, cache: str, threads: int, pause: float = 0.0) -> dict:
@@ -42,10 +35,10 @@ def one_start(ckpt: str, voices: str, cache: str, threads: int, pause: float = 0
         ready = server.wait_ready(timeout=900)
         ready_s = time.perf_counter() - t0
         pid = server.proc.pid
-        after_load = dict(rss_mb=round(status_kb(pid, "VmRSS") / 1024), peak_mb=round(status_kb(pid, "VmHWM") / 1024))
+        after_load = dict(rss_mb=round(proc_status_kb("VmRSS", pid) / 1024), peak_mb=round(proc_status_kb("VmHWM", pid) / 1024))
         time.sleep(pause)                     # a first request that comes a while after the start
         first_audio_s, first_utt_s, audio_bytes = speak_once(server.url, "bench")
-        after_utt = dict(rss_mb=round(status_kb(pid, "VmRSS") / 1024), peak_mb=round(status_kb(pid, "VmHWM") / 1024))
+        after_utt = dict(rss_mb=round(proc_status_kb("VmRSS", pid) / 1024), peak_mb=round(proc_status_kb("VmHWM", pid) / 1024))
         second_audio_s, _, _ = speak_once(server.url, "bench")
     return dict(ready_s=round(ready_s, 2), engine=ready.get("engine"), after_load=after_load,
                 after_utterance=after_utt, first_utterance_s=round(first_utt_s, 2), audio_bytes=audio_bytes,

@@ -127,12 +127,10 @@ _CHILD = r"""
 import json, sys
 from makima_tts.engine.qwen3 import Qwen3Engine
 from makima_tts.engine.types import GenerationSettings
-from makima_tts.testing import reference_clip
+from makima_tts.testing import proc_status_kb, reference_clip
 
 def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    return proc_status_kb(field) * 1024
 clip = reference_clip(3.0)
 base = status("VmRSS")
 engine = Qwen3Engine.load(sys.argv[1], weights_cache=sys.argv[2])

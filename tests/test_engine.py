@@ -340,12 +340,10 @@ def test_a_kv_cache_takes_memory_only_as_it_is_written():
     one full-size layer here: 2 x 128 MB). Its memory is taken as it is written, it reads as zeros until
     then, and growing it keeps what was written."""
     from makima_tts.engine.model import KVCache
+    from makima_tts.testing import proc_status_kb
 
-    def rss() -> int:                            # bytes resident now (Linux)
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS in /proc/self/status")
+    def rss() -> int:                            # bytes resident now
+        return proc_status_kb("VmRSS") * 1024
 
     before = rss()
     kv = KVCache(rows=8, kv_heads=8, length=4096, head_dim=128, dtype=torch.float32, device="cpu")

@@ -25,11 +25,10 @@ def test_the_session_has_no_cpu_arena():
 CHILD = textwrap.dedent("""
     import json, threading
     from makima_tts.engine.piper import PiperEngine
+    from makima_tts.testing import proc_status_kb
 
     def rss_mb():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
+        return proc_status_kb("VmRSS") / 1024.0
 
     eng = PiperEngine.load("joe", threads=1)
     eng.synthesize_sentence("Hello there.")

@@ -381,6 +381,7 @@ class Talker(nn.Module):
         self.codec_head = nn.Linear(cfg.hidden_size, tc["vocab_size"], bias=False)
         self.code_predictor = CodePredictor(DecoderConfig.from_dict(cc), self.num_groups, cc["vocab_size"],
                                             cfg.hidden_size)
+        self._fixed_text: dict[tuple[int, ...], torch.Tensor] = {}          # see embed_fixed_text
 
     @property
     def hidden_size(self) -> int:
@@ -403,10 +404,9 @@ class Talker(nn.Module):
         """`embed_text` of a token sequence every prompt holds (the special tokens, the role's tokens)
         (1, t, hidden), computed once: each projection reads the text MLP's 24 MB of weights, a third of
         a prompt's set-up. The same call as the first, so the same values."""
-        cache = self.__dict__.setdefault("_fixed_text", {})
-        got = cache.get(ids)
+        got = self._fixed_text.get(ids)
         if got is None:
-            got = cache[ids] = self.embed_text(torch.tensor([ids], dtype=torch.long, device=self.device))
+            got = self._fixed_text[ids] = self.embed_text(torch.tensor([ids], dtype=torch.long, device=self.device))
         return got
 
     def embed_codec(self, ids: torch.Tensor) -> torch.Tensor:
